@@ -1,0 +1,1 @@
+"""Models shipped with piscis: one folder per model (safetensors weights, JSON config, card)."""

@@ -1,0 +1,25 @@
+"""piscis: spot detection for fluorescence microscopy.
+
+The core works on NumPy arrays and imports neither Qt nor napari::
+
+    from piscis import detect, read_image
+    spots = detect(image)            # the default model shipped in the package
+    spots.coords                     # (N, 2) float, (y, x)
+"""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "detect", "load_model", "read_image"]
+
+
+def __getattr__(name):
+    # Lazy: `import piscis` stays light; torch loads on first use.
+    if name == "detect":
+        from .detect import detect
+
+        return detect
+    if name in ("load_model", "read_image"):
+        from . import io
+
+        return getattr(io, name)
+    raise AttributeError(f"module 'piscis' has no attribute {name!r}")

@@ -1,0 +1,197 @@
+"""Training data: targets from annotations, training pairs, crops and
+augmentation (DESIGN.md section 2 for the targets).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from . import synth
+from .detect import Normalization, estimate_normalization
+
+logger = logging.getLogger(__name__)
+
+
+def make_targets(coords: np.ndarray, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Training targets for one image.
+
+    Returns ``label`` (float32: 1 on each rounded spot pixel dilated by a 3x3
+    square), ``disp`` (float32 (2, H, W): vector from each pixel to its
+    nearest spot, nearest decided on rounded positions), ``vote`` (bool: the
+    rounded spot pixels) and ``n_true`` (spots whose rounded pixel is on the
+    image).
+    """
+    h, w = shape
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    pix = np.round(coords).astype(np.int64)
+    on = (pix[:, 0] >= 0) & (pix[:, 0] < h) & (pix[:, 1] >= 0) & (pix[:, 1] < w)
+    pix, coords = pix[on], coords[on]
+    vote = np.zeros(shape, bool)
+    disp = np.zeros((2, h, w), np.float32)
+    if len(pix):
+        vote[pix[:, 0], pix[:, 1]] = True
+        # Sub-pixel position stored at each spot pixel (last one wins on ties).
+        sub = np.zeros((2, h, w))
+        sub[:, pix[:, 0], pix[:, 1]] = coords.T
+        _, idx = ndi.distance_transform_edt(~vote, return_indices=True)
+        iy, ix = idx
+        grid_y, grid_x = np.mgrid[:h, :w]
+        disp[0] = sub[0, iy, ix] - grid_y
+        disp[1] = sub[1, iy, ix] - grid_x
+    label = ndi.binary_dilation(vote, np.ones((3, 3), bool)).astype(np.float32)
+    return {"label": label, "disp": disp, "vote": vote, "n_true": np.int64(vote.sum())}
+
+
+# --------------------------------------------------------------------------- training pairs
+
+
+@dataclass
+class Pair:
+    """One annotated image: pixels, spots and (optionally) the annotated region."""
+
+    name: str
+    image: np.ndarray  # 2D
+    coords: np.ndarray  # (N, 2)
+    region: np.ndarray | None = None  # bool, True where fully annotated
+    norm: Normalization | None = None
+
+    def __post_init__(self):
+        if self.norm is None:
+            self.norm = estimate_normalization(self.image)
+
+
+def load_pairs(folder: str | Path, channel: int | None = None) -> list[Pair]:
+    """Read a training folder: ``NAME.tif``/``.png`` + ``NAME.csv`` (+ ``NAME.mask.tif``)."""
+    from .io import IMAGE_SUFFIXES, read_image_2d, read_spots
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: training folder not found")
+    pairs = []
+    for path in sorted(folder.iterdir()):
+        if path.name.lower().endswith(".mask.tif") or path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        stem = path.name[: -len(path.suffix)]
+        csv = path.with_name(stem + ".csv")
+        if not csv.exists():
+            logger.info("%s: no %s beside it, skipped", path, csv.name)
+            continue
+        image = read_image_2d(path, channel=channel)
+        coords = read_spots(csv)
+        mask_path = path.with_name(stem + ".mask.tif")
+        region = None
+        if mask_path.exists():
+            region = read_image_2d(mask_path) > 0
+            if region.shape != image.shape:
+                raise ValueError(
+                    f"{mask_path}: region mask shape {region.shape} differs from image {image.shape}"
+                )
+        pairs.append(Pair(stem, image, coords, region))
+    if not pairs:
+        raise ValueError(f"{folder}: no image + CSV pairs found (expected NAME.tif and NAME.csv)")
+    return pairs
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def _rotate_crop(
+    rng: np.random.Generator,
+    image: np.ndarray,
+    coords: np.ndarray,
+    region: np.ndarray | None,
+    size: int,
+    angle: float,
+    zoom: float,
+    flip: bool,
+):
+    """Cut a size x size crop at a random place, rotated by ``angle`` and
+    zoomed by ``zoom`` (output px per input px), by one affine resampling."""
+    h, w = image.shape
+    c, s = np.cos(angle), np.sin(angle)
+    # Output pixel o maps to input A @ (o - oc) + ic.
+    a = np.array([[c, -s], [s, c]]) / zoom
+    if flip:
+        a = a @ np.array([[1, 0], [0, -1]])
+    half = (size - 1) / 2.0
+    # Extent of the crop in input pixels, to choose a centre that keeps most of it inside.
+    ext = np.abs(a).sum(1) * half
+    lo = np.minimum(ext, np.array([h, w]) / 2.0)
+    centre = np.array(
+        [rng.uniform(lo[0] - 0.5, h - lo[0] - 0.5), rng.uniform(lo[1] - 0.5, w - lo[1] - 0.5)]
+    )
+    offset = centre - a @ np.array([half, half])
+    crop = ndi.affine_transform(image.astype(np.float32), a, offset=offset, output_shape=(size, size),
+                                order=1, mode="reflect")
+    inside = ndi.affine_transform(np.ones_like(image, np.float32) if region is None else
+                                  region.astype(np.float32), a, offset=offset,
+                                  output_shape=(size, size), order=0, mode="constant", cval=0.0)
+    inv = np.linalg.inv(a)
+    new = (coords - offset) @ inv.T if len(coords) else coords.reshape(0, 2)
+    return crop, new, inside > 0.5
+
+
+def sample_real(rng: np.random.Generator, pair: Pair, size: int, augment: bool = True):
+    """A normalised crop of a real pair with its spots and region."""
+    if augment:
+        angle = rng.uniform(0, 2 * np.pi) if rng.random() < 0.5 else rng.integers(4) * np.pi / 2
+        zoom = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
+        flip = bool(rng.random() < 0.5)
+    else:
+        angle, zoom, flip = 0.0, 1.0, False
+    crop, coords, region = _rotate_crop(rng, pair.image, pair.coords, pair.region, size, angle,
+                                        zoom, flip)
+    x = pair.norm.apply(crop)
+    if augment and rng.random() < 0.3:
+        # Lower the SNR: extra Gaussian noise in units of the image's noise.
+        extra = rng.uniform(0.3, 1.5)
+        z = np.sinh(x) * pair.norm.compression + rng.normal(0, extra, x.shape)
+        z /= np.sqrt(1 + extra**2)
+        x = np.arcsinh(z / pair.norm.compression).astype(np.float32)
+    return x, coords, region
+
+
+def sample_synthetic(rng: np.random.Generator, size: int, config: synth.SynthConfig | None = None):
+    """A normalised synthetic image with its spots (the whole image is annotated)."""
+    cfg = config or synth.SynthConfig(shape=(size, size))
+    image, coords = synth.generate(rng, cfg)
+    norm = estimate_normalization(image)
+    return norm.apply(image), coords, None
+
+
+def batch_targets(items) -> dict[str, np.ndarray]:
+    """Stack (x, coords, region) crops into network input and targets."""
+    xs, labels, disps, votes, ns, regions = [], [], [], [], [], []
+    any_region = any(r is not None for _, _, r in items)
+    for x, coords, region in items:
+        shape = x.shape
+        if region is not None:
+            c = np.asarray(coords).reshape(-1, 2)
+            pix = np.round(c).astype(int)
+            on = np.all((pix >= 0) & (pix < np.array(shape)), axis=1)
+            keep = np.zeros(len(c), bool)
+            keep[on] = region[pix[on, 0], pix[on, 1]]
+            coords = c[keep]
+        t = make_targets(coords, shape)
+        xs.append(x)
+        labels.append(t["label"])
+        disps.append(t["disp"])
+        votes.append(t["vote"])
+        ns.append(t["n_true"])
+        if any_region:
+            regions.append(np.ones(shape, np.float32) if region is None else region.astype(np.float32))
+    out = {
+        "x": np.stack(xs)[:, None].astype(np.float32),
+        "label": np.stack(labels),
+        "disp": np.stack(disps),
+        "vote": np.stack(votes),
+        "n_true": np.asarray(ns),
+    }
+    if any_region:
+        out["region"] = np.stack(regions)
+    return out

@@ -1,0 +1,442 @@
+"""From an image to spots: normalisation, tiled inference, decoding and
+per-spot intensities (DESIGN.md sections 3, 6 and 8).
+
+The network's maps are computed once (:func:`predict_maps`) and decoded as
+often as needed (:func:`decode`): a new threshold needs no forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage as ndi
+
+from .loss import vote_pool
+from .model import SpotNet, receptive_margin
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TILE = 1024
+SAMPLE_PIXELS = 4_000_000  # pixels used for the normalisation statistics
+COMPRESSION = 3.0  # asinh(z / COMPRESSION): linear for noise, logarithmic for bright spots
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+@dataclass
+class Normalization:
+    """How raw intensities become network input: z = (I - background) / noise,
+    then asinh(z / compression). Both statistics come from the whole image."""
+
+    background: float
+    noise: float
+    compression: float = COMPRESSION
+    n_nonfinite: int = 0
+
+    def apply(self, image: np.ndarray) -> np.ndarray:
+        z = (np.asarray(image, dtype=np.float32) - np.float32(self.background)) / np.float32(
+            self.noise
+        )
+        z = np.arcsinh(z / np.float32(self.compression))
+        z[~np.isfinite(z)] = 0.0
+        return z
+
+
+def _sample(image: np.ndarray, n: int = SAMPLE_PIXELS) -> np.ndarray:
+    """The whole image, or a regular grid of 64x64 blocks covering it."""
+    if image.size <= n:
+        return np.asarray(image)
+    block = 64
+    n_blocks = max(1, n // (block * block))
+    h, w = image.shape
+    per_side = max(1, int(math.sqrt(n_blocks * h / w)))
+    ys = np.linspace(0, max(h - block, 0), per_side).astype(int)
+    xs = np.linspace(0, max(w - block, 0), max(1, n_blocks // per_side)).astype(int)
+    return np.stack([np.asarray(image[y : y + block, x : x + block]) for y in ys for x in xs])
+
+
+BAND = (1.0, 3.0)  # the difference of Gaussians that measures noise at the scale of a spot
+
+
+def _band_gain() -> float:
+    """Standard deviation of the band-pass filter's output for unit white noise."""
+    delta = np.zeros((41, 41))
+    delta[20, 20] = 1.0
+    k = ndi.gaussian_filter(delta, BAND[0]) - ndi.gaussian_filter(delta, BAND[1])
+    return float(np.sqrt(np.sum(k**2)))
+
+
+BAND_GAIN = _band_gain()
+
+
+def estimate_normalization(image: np.ndarray, compression: float = COMPRESSION) -> Normalization:
+    """Robust background and noise of an image, ignoring non-finite pixels.
+
+    The background is the median. The noise is measured at the scale of a
+    spot: 1.4826 x the median absolute deviation of a difference of
+    Gaussians (sigma 1 and 3 px), divided by that filter's gain for white
+    noise. White noise gives its standard deviation; spatially correlated
+    noise (smoothed, upsampled or 8-bit rendered images) gives more, as it
+    should, since such noise makes spot-like blobs. Clipped pixels (at the
+    image minimum or maximum) and non-finite ones are left out. A flat image
+    gets a floor (half a grey level for integer data), so noise is never
+    stretched into spots. Statistics come from the whole image, or from a
+    regular grid of blocks covering a large one.
+    """
+    sample = _sample(image).astype(np.float64)
+    finite = np.isfinite(sample)
+    arr = np.asarray(image)
+    n_nonfinite = int(arr.size - np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind == "f" else 0
+    if not finite.any():
+        return Normalization(0.0, 1.0, compression, n_nonfinite)
+    values = sample[finite]
+    background = float(np.median(values))
+    lo, hi = values.min(), values.max()
+    filled = np.where(finite, sample, background)
+    sig = lambda s: [0] * (filled.ndim - 2) + [s, s]  # noqa: E731  (blocks filtered apart)
+    band = ndi.gaussian_filter(filled, sig(BAND[0])) - ndi.gaussian_filter(filled, sig(BAND[1]))
+    # Only pixels whose neighbourhood is finite and unclipped.
+    ok = finite & (filled > lo) & (filled < hi)
+    size = [1] * (filled.ndim - 2) + [7, 7]
+    ok = ndi.minimum_filter(ok.astype(np.uint8), size=size, mode="constant") > 0
+    vals = band[ok]
+    noise = 0.0
+    if vals.size > 100:
+        noise = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) / BAND_GAIN
+    integer = np.issubdtype(arr.dtype, np.integer)
+    floor = 0.5 if integer else max(1e-6 * float(hi - lo), 1e-12)
+    if noise <= floor:
+        # Fall back on the spread of all pixels (heavily quantised or clipped).
+        spread = 1.4826 * float(np.median(np.abs(values - background)))
+        noise = max(noise, min(spread, 1e30), floor)
+    return Normalization(background, float(noise), compression, n_nonfinite)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+@dataclass
+class Maps:
+    """Cached network output for one image, in the network's (scaled) frame."""
+
+    logit: np.ndarray  # (H, W) float32
+    disp: np.ndarray  # (2, H, W) float32, (dy, dx) in pixels
+    scale: float = 1.0
+
+    @property
+    def prob(self) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logit))
+
+
+def _tiles(length: int, core: int, multiple: int):
+    """Start positions of the cores along one axis; cores are multiples of ``multiple``."""
+    core = max(multiple, (core // multiple) * multiple)
+    return list(range(0, length, core)), core
+
+
+def _forward(model: SpotNet, batch: np.ndarray) -> np.ndarray:
+    x = torch.from_numpy(batch[:, None]).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out = model(x)
+    return out.float().numpy()
+
+
+def _rescale(image: np.ndarray, scale: float) -> np.ndarray:
+    if scale == 1.0:
+        return image
+    t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    size = [max(1, round(n * scale)) for n in image.shape]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def iter_tile_maps(
+    image: np.ndarray,
+    model: SpotNet,
+    norm: Normalization,
+    tile_size: int = DEFAULT_TILE,
+    progress: Callable[[int, int], None] | None = None,
+):
+    """Run the network tile by tile; yield (y0, x0, core_h, core_w, maps, pad).
+
+    ``maps`` is (3, th, tw) for the tile including its margin; the core
+    starts at (pad_y, pad_x) = ``pad`` within it. Tiles are cut from the
+    image padded by reflection, and their origins are multiples of the
+    network's size multiple, so a tile sees exactly what the whole image
+    would: tiled and untiled outputs agree in every core.
+    """
+    h, w = image.shape
+    mult = model.multiple
+    margin = receptive_margin(model.channels)
+    ys, core_y = _tiles(h, min(tile_size, _round_up(h, mult)), mult)
+    xs, core_x = _tiles(w, min(tile_size, _round_up(w, mult)), mult)
+    # Pad: margin on every side, and up to whole cores at the far end.
+    pad_b = _round_up(h, core_y) - h + margin
+    pad_r = _round_up(w, core_x) - w + margin
+    norm_img = norm.apply(image)
+    mode = "reflect" if min(h, w) > 1 else "edge"
+    padded = np.pad(norm_img, ((margin, pad_b), (margin, pad_r)), mode=_pad_mode(norm_img, margin, mode))
+    total = len(ys) * len(xs)
+    done = 0
+    for y0 in ys:
+        for x0 in xs:
+            tile = padded[y0 : y0 + core_y + 2 * margin, x0 : x0 + core_x + 2 * margin]
+            out = _forward(model, tile[None])[0]
+            done += 1
+            if progress is not None:
+                progress(done, total)
+            ch, cw = min(core_y, h - y0), min(core_x, w - x0)
+            yield y0, x0, ch, cw, out, (margin, margin)
+
+
+def _pad_mode(arr: np.ndarray, margin: int, mode: str) -> str:
+    # numpy's reflect needs no more than size - 1; it repeats reflections if more.
+    return mode if min(arr.shape) > 1 else "edge"
+
+
+def _round_up(n: int, m: int) -> int:
+    return int(-(-n // m) * m)
+
+
+def predict_maps(
+    image: np.ndarray,
+    model: SpotNet,
+    norm: Normalization | None = None,
+    scale: float = 1.0,
+    tile_size: int = DEFAULT_TILE,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Maps, Normalization]:
+    """Full-image network maps (for re-thresholding without the network)."""
+    image = np.asarray(image)
+    if norm is None:
+        norm = estimate_normalization(image)
+    work = _rescale(image, scale) if scale != 1.0 else image
+    h, w = work.shape
+    maps = np.empty((3, h, w), dtype=np.float32)
+    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, model, norm, tile_size, progress):
+        maps[:, y0 : y0 + ch, x0 : x0 + cw] = out[:, py : py + ch, px : px + cw]
+    return Maps(maps[0], maps[1:], scale), norm
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(p / (1 - p))
+
+
+def decode(
+    logit: np.ndarray, disp: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spots from the maps: peaks of the vote-pooled map above ``threshold``.
+
+    Returns (coords (N, 2) float, scores (N,), pixels (N, 2) int): the
+    sub-pixel position p + d(p), the pooled probability l(p), and the peak
+    pixel p. Pooling runs on logits, so saturated probabilities do not tie.
+    """
+    lg = torch.from_numpy(np.ascontiguousarray(logit, dtype=np.float32))[None]
+    dp = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None]
+    pooled = vote_pool(lg, dp, fill=-math.inf)[0]
+    t = _logit(threshold)
+    local_max = F.max_pool2d(pooled[None], 3, stride=1, padding=1)[0]
+    peaks = (pooled >= local_max) & (pooled >= t) & torch.isfinite(pooled)
+    pix = torch.nonzero(peaks).numpy()
+    if len(pix) > 1:
+        pix = _break_ties(pix, pooled.numpy())
+    d = disp[:, pix[:, 0], pix[:, 1]].T if len(pix) else np.zeros((0, 2), np.float32)
+    coords = pix.astype(np.float64) + d
+    scores = 1.0 / (1.0 + np.exp(-pooled.numpy()[pix[:, 0], pix[:, 1]].astype(np.float64)))
+    return coords.reshape(-1, 2), scores, pix.reshape(-1, 2)
+
+
+def _break_ties(pix: np.ndarray, pooled: np.ndarray) -> np.ndarray:
+    """Keep one pixel of each group of adjacent equal maxima (a plateau)."""
+    mask = np.zeros(pooled.shape, bool)
+    mask[pix[:, 0], pix[:, 1]] = True
+    lab, n = ndi.label(mask, structure=np.ones((3, 3)))
+    if n == len(pix):
+        return pix
+    keep = np.zeros(n + 1, bool)
+    out = []
+    for y, x in pix:  # row-major order: the first pixel of each plateau wins
+        k = lab[y, x]
+        if not keep[k]:
+            keep[k] = True
+            out.append((y, x))
+    return np.asarray(out, dtype=pix.dtype)
+
+
+# --------------------------------------------------------------------------- intensities
+
+
+def spot_intensities(
+    image: np.ndarray, coords: np.ndarray, radius: float = 2.0, annulus: tuple[float, float] = (3.0, 5.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Integrated, background-subtracted intensity of each spot.
+
+    For a spot at (y, x): ``background`` is the median of the pixels whose
+    centres lie at a distance in [annulus[0], annulus[1]) of (y, x);
+    ``intensity`` is the sum over the pixels whose centres lie within
+    ``radius`` of (y, x) of (pixel - background). Pixels outside the image
+    or not finite are left out. Units are the image's grey levels.
+    """
+    n = len(coords)
+    inten = np.full(n, np.nan)
+    bgs = np.full(n, np.nan)
+    if n == 0:
+        return inten, bgs
+    r_out = annulus[1]
+    k = int(math.ceil(r_out))
+    oy, ox = np.mgrid[-k : k + 1, -k : k + 1]
+    h, w = image.shape
+    for i, (y, x) in enumerate(coords):
+        if not (np.isfinite(y) and np.isfinite(x)):
+            continue
+        cy, cx = int(round(y)), int(round(x))
+        py, px = cy + oy, cx + ox
+        inside = (py >= 0) & (py < h) & (px >= 0) & (px < w)
+        dist = np.hypot(py - y, px - x)
+        vals = np.full(py.shape, np.nan)
+        vals[inside] = image[py[inside], px[inside]]
+        ring = vals[(dist >= annulus[0]) & (dist < annulus[1]) & np.isfinite(vals)]
+        disk = vals[(dist <= radius) & np.isfinite(vals)]
+        if ring.size == 0 or disk.size == 0:
+            continue
+        bg = float(np.median(ring))
+        bgs[i] = bg
+        inten[i] = float(np.sum(disk - bg))
+    return inten, bgs
+
+
+# --------------------------------------------------------------------------- the detector
+
+
+@dataclass
+class Spots:
+    """A spot table: coordinates (N, 2) (y, x) and one value per spot."""
+
+    coords: np.ndarray
+    score: np.ndarray
+    intensity: np.ndarray
+    background: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @classmethod
+    def empty(cls) -> Spots:
+        z = np.zeros(0)
+        return cls(np.zeros((0, 2)), z, z.copy(), z.copy())
+
+    def columns(self) -> dict[str, np.ndarray]:
+        cols = {
+            "y": self.coords[:, 0],
+            "x": self.coords[:, 1],
+            "score": self.score,
+            "intensity": self.intensity,
+            "background": self.background,
+        }
+        cols.update(self.extra)
+        return cols
+
+
+def spots_from_maps(
+    maps: Maps, image: np.ndarray, threshold: float, radius: float = 2.0
+) -> Spots:
+    """Decode cached maps at ``threshold`` and measure the spots on ``image``."""
+    coords, scores, _ = decode(maps.logit, maps.disp, threshold)
+    coords, scores = _to_image_frame(coords, scores, maps.scale, image.shape)
+    return _finish(image, coords, scores, radius / maps.scale)
+
+
+def _to_image_frame(coords, scores, scale: float, shape):
+    """Back from the network's frame to the image's; drop spots off the image."""
+    if scale != 1.0:
+        coords = (coords + 0.5) / scale - 0.5
+    # Keep spots whose position lies on the image (half a pixel of slack).
+    ok = np.all((coords >= -0.5) & (coords <= np.asarray(shape) - 0.5), axis=1)
+    return coords[ok], scores[ok]
+
+
+def _finish(image, coords, scores, radius) -> Spots:
+    ok = np.all(np.isfinite(coords), axis=1)
+    coords, scores = coords[ok], scores[ok]
+    order = np.lexsort((coords[:, 1], coords[:, 0])) if len(coords) else np.zeros(0, int)
+    coords, scores = coords[order], scores[order]
+    inten, bg = spot_intensities(np.asarray(image, dtype=np.float64), coords, radius,
+                                 (radius + 1.0, radius + 3.0))
+    return Spots(coords, scores, inten, bg)
+
+
+def detect(
+    image: np.ndarray,
+    model=None,
+    threshold: float | None = None,
+    scale: float | None = None,
+    tile_size: int = DEFAULT_TILE,
+    progress: Callable[[int, int], None] | None = None,
+) -> Spots:
+    """Find the spots of a 2D image.
+
+    Parameters
+    ----------
+    image : 2D array (Y, X), any real dtype; non-finite pixels are ignored.
+    model : a :class:`piscis.io.LoadedModel`, a model name or folder; None
+        for the default model shipped with the package.
+    threshold : probability threshold; None for the model's own.
+    scale : resize factor applied before the network (spots larger than
+        2-3 px: use < 1); coordinates are returned in the input's frame.
+        None for the model's own (usually 1).
+    tile_size : core size of the tiles; memory is bounded by it.
+
+    Tiles are decoded one at a time and a spot is kept only if its peak
+    pixel lies in its tile's core, so memory stays bounded by the tile and
+    the result does not depend on ``tile_size``.
+    """
+    from .io import load_model
+
+    image = _check_2d(image)
+    loaded = load_model(model)
+    threshold = loaded.threshold if threshold is None else float(threshold)
+    scale = loaded.scale if scale is None else float(scale)
+    if not (0.0 < threshold < 1.0):
+        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+    if not (0.01 <= scale <= 100):
+        raise ValueError(f"scale must be between 0.01 and 100, got {scale}")
+    norm = estimate_normalization(image, loaded.compression)
+    if norm.n_nonfinite:
+        logger.warning("%d non-finite pixels are ignored", norm.n_nonfinite)
+    work = _rescale(image, scale)
+    all_coords, all_scores = [], []
+    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, loaded.net, norm, tile_size, progress):
+        # Decode a window 2 px larger than the core (voting and NMS look 2 px out).
+        win = out[:, py - 2 : py + ch + 2, px - 2 : px + cw + 2]
+        coords, scores, pix = decode(win[0], win[1:], threshold)
+        core = (pix[:, 0] >= 2) & (pix[:, 0] < ch + 2) & (pix[:, 1] >= 2) & (pix[:, 1] < cw + 2)
+        all_coords.append(coords[core] + np.array([y0 - 2, x0 - 2]))
+        all_scores.append(scores[core])
+    coords = np.concatenate(all_coords) if all_coords else np.zeros((0, 2))
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    coords, scores = _to_image_frame(coords, scores, scale, image.shape)
+    return _finish(image, coords, scores, 2.0 / scale)
+
+
+def _check_2d(image) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype.kind not in "uif":
+        raise TypeError(f"image dtype {image.dtype} is not supported: give integer or float pixels")
+    if image.ndim != 2:
+        raise ValueError(f"detect takes a 2D (Y, X) image, got shape {image.shape}")
+    if image.size == 0:
+        raise ValueError(f"image has a zero-size axis: shape {image.shape}")
+    if image.dtype.byteorder not in "=|":
+        image = image.astype(image.dtype.newbyteorder("="))
+    return image

@@ -1,0 +1,450 @@
+"""Reading images and spot tables, writing results safely, and model folders
+(DESIGN.md section 9).
+
+Every error names the file and the problem. Outputs are written to a
+temporary file in the same folder and renamed, so an interrupted run never
+leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import stat
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".tif", ".tiff", ".btf", ".tf8", ".png"}
+
+
+def _models_dir() -> Path:
+    """The shipped models: the ``piscis.models`` package (``models/`` in the source tree)."""
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("piscis.models")))
+    except (ModuleNotFoundError, TypeError):
+        return Path(__file__).resolve().parents[1] / "models"
+
+
+MODELS_DIR = _models_dir()
+DEFAULT_MODEL = "default"
+
+
+class InputError(ValueError):
+    """A file that cannot be used; the message names the file and the problem."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file private (0600): give it the mode a plain open() would.
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o666 & ~_umask()
+        os.chmod(tmp, mode)
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def table_text(columns: dict[str, np.ndarray | list], float_format: str = "{:.4f}") -> str:
+    """CSV text (with header) of equal-length columns."""
+    names = list(columns)
+    n = len(next(iter(columns.values()))) if columns else 0
+    lines = [",".join(names)]
+    cols = [columns[k] for k in names]
+    for i in range(n):
+        cells = []
+        for col in cols:
+            v = col[i]
+            if v is None:
+                cells.append("")
+            elif isinstance(v, (bool, np.bool_)):
+                cells.append(str(int(v)))
+            elif isinstance(v, (int, np.integer)):
+                cells.append(str(int(v)))
+            elif isinstance(v, (float, np.floating)):
+                cells.append("" if not np.isfinite(v) else float_format.format(float(v)))
+            else:
+                cells.append(_csv_cell(str(v)))
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def _csv_cell(s: str) -> str:
+    if any(c in s for c in ',"\n'):
+        return '"' + s.replace('"', '""') + '"'
+    return s
+
+
+def write_table(path, columns, overwrite: bool = True) -> None:
+    atomic_write_text(path, table_text(columns), overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- spot tables
+
+
+def read_spots(path: str | Path) -> np.ndarray:
+    """Read spot coordinates (N, 2) in (y, x) from a CSV.
+
+    Accepted: our own tables (columns ``y``, ``x``, anything else ignored),
+    ``x``/``y`` in either order, napari's Points export (``axis-0`` = y,
+    ``axis-1`` = x; for 3D exports the last two axes are used). A file
+    without a header is refused: name the columns.
+    """
+    path = Path(path)
+    try:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark; text columns in
+        # another encoding must not stop the coordinates from being read.
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader = csv.reader(f)
+            rows = [(reader.line_num, r) for r in reader]
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    except csv.Error as e:
+        raise InputError(f"{path}: not a CSV table ({e})") from None
+    rows = [(n, r) for n, r in rows if r and any(c.strip() for c in r)]
+    if not rows:
+        raise InputError(f"{path}: empty file, expected a header such as 'y,x'")
+    header = [c.strip().lower() for c in rows[0][1]]
+    if _is_number(header[0]):
+        raise InputError(f"{path}: no header row; the first line must name the columns, e.g. 'y,x'")
+    if "y" in header and "x" in header:
+        iy, ix = header.index("y"), header.index("x")
+    else:
+        axes = [h for h in header if h.startswith("axis-")]
+        if len(axes) >= 2:
+            axes.sort(key=lambda h: int(h.split("-")[1]) if h.split("-")[1].isdigit() else 0)
+            iy, ix = header.index(axes[-2]), header.index(axes[-1])
+        else:
+            raise InputError(
+                f"{path}: columns {header} hold no coordinates; "
+                "expected 'y,x' or napari's 'axis-0,axis-1'"
+            )
+    out = []
+    for k, r in rows[1:]:
+        try:
+            out.append((float(r[iy]), float(r[ix])))
+        except (ValueError, IndexError):
+            raise InputError(f"{path}: line {k} is not numeric: {','.join(r)!r}") from None
+    coords = np.asarray(out, dtype=np.float64).reshape(-1, 2)
+    if not np.all(np.isfinite(coords)):
+        raise InputError(f"{path}: non-finite coordinates")
+    return coords
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- images
+
+
+@dataclass
+class ImageData:
+    """A 2D image ready for detection, with what was inferred on the way."""
+
+    path: Path | None
+    image: np.ndarray
+    axes: str
+    notes: list[str] = field(default_factory=list)
+
+
+def read_image_2d(path, channel: int | None = None, axes: str | None = None) -> np.ndarray:
+    """Read a file as a 2D image (see :func:`read_image`)."""
+    return read_image(path, channel=channel, axes=axes).image
+
+
+def read_image(path, channel: int | None = None, axes: str | None = None) -> ImageData:
+    """Read an image file and reduce it to one 2D plane (Y, X).
+
+    TIFF (ImageJ and OME axes from the metadata) and PNG. Grey, RGB and
+    RGBA: equal channels are grey, otherwise ``channel`` picks one. A ``Z``
+    axis is max-projected with a warning. ``axes`` (e.g. ``"ZYX"``,
+    ``"YXC"``) overrides the metadata.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)")
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        data, meta_axes = _read_png(path)
+    elif suffix in {".tif", ".tiff", ".btf", ".tf8"}:
+        data, meta_axes = _read_tiff(path)
+    else:
+        raise InputError(f"{path}: unsupported file type {path.suffix!r}; expected TIFF or PNG")
+    return to_plane(
+        data, axes or meta_axes, channel=channel, name=str(path), explicit=axes is not None
+    )
+
+
+def _read_png(path: Path):
+    from skimage import io as skio
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = np.asarray(skio.imread(path))
+    except Exception as e:
+        raise InputError(f"{path}: not a readable PNG ({type(e).__name__}: {e})") from None
+    if data.ndim == 3 and data.shape[-1] == 2 and _is_alpha(data[..., 1]):
+        data = data[..., 0]  # grey + alpha (PNG colour type 4) with an opaque alpha
+    axes = {2: "YX", 3: "YXS"}.get(data.ndim, "")
+    return data, axes
+
+
+def _read_tiff(path: Path):
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            axes = series.axes
+            data = series.asarray()
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "imagecodecs" in msg.lower():
+            msg += " (install the 'imagecodecs' package to read this compression)"
+        raise InputError(f"{path}: not a readable TIFF ({msg})") from None
+    return np.asarray(data), axes
+
+
+def to_plane(
+    data: np.ndarray, axes: str, channel: int | None = None, name: str = "image",
+    explicit: bool = False,
+) -> ImageData:
+    """Reduce an array with an axes string to a 2D (Y, X) plane."""
+    notes: list[str] = []
+    data = np.asarray(data)
+    if data.dtype.kind == "b" or data.dtype.kind == "c" or data.dtype.kind not in "uif":
+        raise InputError(
+            f"{name}: pixel type {data.dtype} is not supported; expected integer or float pixels"
+        )
+    if data.size == 0:
+        raise InputError(f"{name}: image has a zero-size axis, shape {data.shape}")
+    axes = (axes or "").upper().replace("S", "C")
+    if len(axes) != data.ndim:
+        if explicit:
+            raise InputError(
+                f"{name}: --axes {axes!r} has {len(axes)} letters but the image has "
+                f"{data.ndim} dimensions, shape {data.shape}"
+            )
+        axes = _guess_axes(data.shape)
+    # Drop singleton axes other than Y and X (tifffile's Q/I/T of size 1...), by position:
+    # a letter can repeat (a guessed 'QQYX').
+    keep = [i for i, a in enumerate(axes) if a in "YX" or data.shape[i] != 1]
+    if len(keep) != data.ndim:
+        data = data.reshape([data.shape[i] for i in keep])
+        axes = "".join(axes[i] for i in keep)
+    # Unknown axes (Q, I) of a 3D stack: a plain multi-page TIFF is a Z stack.
+    axes = "".join("Z" if a in "QI" else a for a in axes)
+    if "Y" not in axes or "X" not in axes or len(set(axes)) != len(axes):
+        raise InputError(
+            f"{name}: cannot find the Y and X axes in shape {data.shape} (axes {axes!r}); "
+            "pass --axes, e.g. --axes ZYX or --axes YXC"
+        )
+    if "C" in axes:
+        ci = axes.index("C")
+        n_c = data.shape[ci]
+        if channel is not None:
+            if not (-n_c <= channel < n_c):
+                raise InputError(
+                    f"{name}: --channel {channel} out of range; the image has {n_c} channels"
+                )
+            data = data.take(channel, axis=ci)
+        else:
+            planes = np.moveaxis(data, ci, 0)
+            if n_c == 4 and _is_alpha(planes[3]):
+                planes = planes[:3]
+            if all(np.array_equal(planes[0], p) for p in planes[1:]):
+                data = planes[0]
+            else:
+                raise InputError(
+                    f"{name}: {n_c} different channels (shape {data.shape}, axes {axes}); "
+                    "choose one with --channel N"
+                )
+        axes = axes[:ci] + axes[ci + 1 :]
+    elif channel not in (None, 0):
+        raise InputError(f"{name}: --channel {channel} given but the image has no channel axis")
+    for ax in [a for a in axes if a not in "YX"]:
+        i = axes.index(ax)
+        if ax == "Z":
+            notes.append(
+                f"{data.shape[i]} z-planes max-projected (3D detection is not available yet)"
+            )
+            logger.warning("%s: %s", name, notes[-1])
+            data = data.max(axis=i)
+        else:
+            raise InputError(
+                f"{name}: axis {ax!r} of size {data.shape[i]} (shape {data.shape}, axes {axes}) "
+                "is not supported; pass --axes to say what it is (Z, C, Y, X)"
+            )
+        axes = axes[:i] + axes[i + 1 :]
+    if axes == "XY":
+        data = data.T
+    if data.dtype.byteorder not in "=|":
+        data = data.astype(data.dtype.newbyteorder("="))
+    if data.dtype.kind == "f" and not np.isfinite(data).any():
+        notes.append("every pixel is NaN or infinite")
+    return ImageData(Path(name) if name else None, np.ascontiguousarray(data), "YX", notes)
+
+
+def _is_alpha(plane: np.ndarray) -> bool:
+    return plane.min() == plane.max()
+
+
+def _guess_axes(shape) -> str:
+    if len(shape) == 2:
+        return "YX"
+    if len(shape) == 3:
+        return "YXC" if shape[-1] in (3, 4) else "ZYX"
+    return "".join("Q" for _ in shape[:-2]) + "YX"
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class LoadedModel:
+    """A network ready for inference, with its configuration."""
+
+    net: object
+    config: dict
+    path: Path | None = None
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config.get("threshold", 0.5))
+
+    @property
+    def scale(self) -> float:
+        return float(self.config.get("scale", 1.0))
+
+    @property
+    def compression(self) -> float:
+        return float(self.config.get("normalization", {}).get("compression", 3.0))
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name", self.path.name if self.path else "model"))
+
+
+_CACHE: dict[str, LoadedModel] = {}
+
+
+def model_dir(name_or_dir: str | os.PathLike | None) -> Path:
+    """Resolve a model name (a folder under the package's models/) or a path."""
+    if name_or_dir is None:
+        name_or_dir = DEFAULT_MODEL
+    p = Path(name_or_dir)
+    if p.is_dir():
+        return p
+    cand = MODELS_DIR / str(name_or_dir)
+    if cand.is_dir():
+        return cand
+    known = []
+    if MODELS_DIR.is_dir():
+        known = sorted(d.name for d in MODELS_DIR.iterdir() if d.is_dir())
+    raise InputError(
+        f"{name_or_dir}: no such model folder; shipped models: {', '.join(known) or 'none'}"
+    )
+
+
+def load_model(name_or_dir=None) -> LoadedModel:
+    """Load a model folder: ``config.json`` + ``model.safetensors``. No code runs."""
+    if isinstance(name_or_dir, LoadedModel):
+        return name_or_dir
+    from safetensors.torch import load_file
+
+    from .model import SpotNet, fuse_batchnorm
+
+    path = model_dir(name_or_dir).resolve()
+    key = str(path)
+    if key in _CACHE:
+        return _CACHE[key]
+    cfg_path, w_path = path / "config.json", path / "model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.exists():
+            raise InputError(f"{path}: not a model folder (missing {p.name})")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"{cfg_path}: invalid JSON ({e})") from None
+    arch = config.get("architecture", {})
+    net = SpotNet(tuple(arch.get("channels", (8, 16, 32, 64))), int(arch.get("in_channels", 1)))
+    state = load_file(str(w_path))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise InputError(
+            f"{w_path}: weights do not fit the architecture in config.json ({e})"
+        ) from None
+    net = fuse_batchnorm(net.eval())
+    net = net.to(memory_format=__import__("torch").channels_last)
+    loaded = LoadedModel(net, config, path)
+    _CACHE[key] = loaded
+    return loaded
+
+
+def save_model(net, config: dict, folder: str | Path, card: str, overwrite: bool = False) -> Path:
+    """Write a model folder (weights, config, model card) without overwriting.
+
+    The folder is assembled under a temporary name and renamed into place.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} exists; choose another folder or pass --overwrite")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private (0700)
+        state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "README.md").write_text(card)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _CACHE.pop(str(folder.resolve()), None)
+    return folder

@@ -1,0 +1,323 @@
+"""Training: the loop, validation, checkpoints and resume, and model folders
+with their cards.
+
+Training data mix annotated pairs (random crops with flips, 90-degree and
+free rotations, zoom and noise) and, optionally, synthetic images from
+:mod:`piscis.synth`. Crops without spots are kept: they teach the network
+that noise is not a spot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import Pair, batch_targets, sample_real, sample_synthetic
+from .detect import COMPRESSION, Maps, predict_maps, spots_from_maps
+from .io import LoadedModel, load_model, save_model
+from .loss import total_loss
+from .metrics import mean_scores, score
+from .model import SpotNet, fuse_batchnorm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (all saved in the model's config)."""
+
+    epochs: int = 10
+    steps_per_epoch: int = 200
+    batch_size: int = 16
+    crop: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-5
+    synthetic_fraction: float = 0.5  # share of each batch drawn from the generator
+    val_fraction: float = 0.2  # share of pairs held out when no validation set is given
+    threshold: float = 0.5
+    seed: int = 0
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    workers: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+class _Batches(torch.utils.data.IterableDataset):
+    """Endless batches of crops; each worker has its own seeded generator."""
+
+    def __init__(self, pairs: list[Pair], cfg: TrainConfig, weights=None):
+        self.pairs, self.cfg = pairs, cfg
+        w = np.ones(len(pairs)) if weights is None else np.asarray(weights, float)
+        self.weights = w / w.sum() if len(pairs) else w
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        seed = self.cfg.seed * 1000 + wid + int(self.cfg.extra.get("epoch_offset", 0)) * 7919
+        rng = np.random.default_rng(seed)
+        cfg = self.cfg
+        synth_frac = cfg.synthetic_fraction if self.pairs else 1.0
+        while True:
+            items = []
+            for _ in range(cfg.batch_size):
+                if rng.random() < synth_frac:
+                    items.append(sample_synthetic(rng, cfg.crop))
+                else:
+                    pair = self.pairs[rng.choice(len(self.pairs), p=self.weights)]
+                    items.append(sample_real(rng, pair, cfg.crop))
+            yield batch_targets(items)
+
+
+def _to_torch(batch: dict) -> dict:
+    return {k: torch.as_tensor(v) for k, v in batch.items()}
+
+
+def evaluate_pairs(model: LoadedModel, pairs: list[Pair], threshold: float) -> dict[str, float]:
+    """Mean scores of ``model`` on whole validation images (regions respected)."""
+    scores = []
+    for pair in pairs:
+        maps, _ = predict_maps(pair.image, model.net, pair.norm)
+        spots = spots_from_maps(maps, pair.image, threshold)
+        pred, true = spots.coords, pair.coords
+        if pair.region is not None:
+            pred = pred[_in_region(pred, pair.region)]
+            true = true[_in_region(true, pair.region)]
+        scores.append(score(pred, true))
+    return mean_scores(scores)
+
+
+def _in_region(coords: np.ndarray, region: np.ndarray) -> np.ndarray:
+    pix = np.clip(np.round(coords).astype(int), 0, np.array(region.shape) - 1)
+    return region[pix[:, 0], pix[:, 1]] if len(pix) else np.zeros(0, bool)
+
+
+def _inference_copy(net: SpotNet, config: dict) -> LoadedModel:
+    fresh = SpotNet(net.channels, net.in_channels)
+    fresh.load_state_dict(net.state_dict())
+    fused = fuse_batchnorm(fresh.eval()).to(memory_format=torch.channels_last)
+    return LoadedModel(fused, config)
+
+
+def choose_threshold(model: LoadedModel, pairs: list[Pair]) -> tuple[float, dict]:
+    """The threshold that maximises mean integrated F1 on ``pairs``; maps are cached."""
+    cached: list[tuple[Pair, Maps]] = []
+    for pair in pairs:
+        maps, _ = predict_maps(pair.image, model.net, pair.norm)
+        cached.append((pair, maps))
+    best = (-1.0, 0.5, {})
+    for t in np.round(np.arange(0.2, 0.91, 0.05), 2):
+        sc = []
+        for pair, maps in cached:
+            pred = spots_from_maps(maps, pair.image, float(t)).coords
+            true = pair.coords
+            if pair.region is not None:
+                pred, true = pred[_in_region(pred, pair.region)], true[_in_region(true, pair.region)]
+            sc.append(score(pred, true))
+        m = mean_scores(sc)
+        if m["f1_int"] > best[0] + 1e-9:
+            best = (m["f1_int"], float(t), m)
+    return best[1], best[2]
+
+
+def train(
+    pairs: list[Pair],
+    out_dir: str | Path,
+    cfg: TrainConfig | None = None,
+    val_pairs: list[Pair] | None = None,
+    init: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    description: str = "",
+    tune_threshold: bool = False,
+    pair_weights: list[float] | None = None,
+) -> Path:
+    """Train (or fine-tune from ``init``) and write a new model folder.
+
+    Parameters
+    ----------
+    pairs : annotated training pairs (may be empty with synthetic_fraction 1).
+    out_dir : the new model folder; refused if it exists unless ``overwrite``.
+    val_pairs : validation pairs; default: ``cfg.val_fraction`` of ``pairs``.
+    init : a model name or folder to start from (fine-tuning).
+    checkpoint_dir : where ``last.pt``/``best.pt`` go (default: ``out_dir`` + ``.ckpt``).
+    resume : continue from ``checkpoint_dir/last.pt``.
+    progress : called with a dict after every step (``step``, ``loss``...) and
+        every epoch (``epoch``, ``val``...).
+    should_stop : polled every step; True stops cleanly and keeps the best model.
+    """
+    cfg = cfg or TrainConfig()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    pairs = list(pairs)
+    val_given = val_pairs is not None
+    if val_pairs is None:
+        order = rng.permutation(len(pairs))
+        n_val = int(round(cfg.val_fraction * len(pairs))) if len(pairs) > 1 else 0
+        val_pairs = [pairs[i] for i in order[:n_val]]
+        pairs = [pairs[i] for i in order[n_val:]]
+    logger.info("training on %d pairs, validating on %d", len(pairs), len(val_pairs))
+
+    init_cfg: dict = {}
+    if init is not None:
+        base = load_model(init)
+        init_cfg = base.config
+        channels = tuple(base.config["architecture"]["channels"])
+        net = SpotNet(channels)
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(base.path / "model.safetensors")))
+    else:
+        net = SpotNet(tuple(cfg.channels))
+    net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_steps = cfg.epochs * cfg.steps_per_epoch
+
+    def lr_at(step):
+        warm = min(1.0, (step + 1) / 100)
+        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
+
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir.with_name(out_dir.name + ".ckpt")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    start_epoch, history, best = 0, [], {"score": -1.0, "epoch": -1}
+    if resume and (ckpt_dir / "last.pt").exists():
+        state = torch.load(ckpt_dir / "last.pt", weights_only=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        start_epoch = int(state["epoch"]) + 1
+        history = json.loads(state["history"])
+        best = json.loads(state["best"])
+        logger.info("resumed from %s at epoch %d", ckpt_dir / "last.pt", start_epoch)
+
+    model_config = {
+        "name": out_dir.name,
+        "piscis_version": __version__,
+        "architecture": {"type": "SpotNet", "channels": list(net.channels), "in_channels": 1},
+        "normalization": {"method": "noise", "compression": COMPRESSION,
+                          "statistics": "whole image"},
+        "threshold": cfg.threshold,
+        "scale": float(init_cfg.get("scale", 1.0)),
+        "training": {"config": {k: (list(v) if isinstance(v, tuple) else v)
+                                for k, v in asdict(cfg).items()},
+                     "pairs": [p.name for p in pairs], "validation": [p.name for p in val_pairs],
+                     "init": str(init) if init else None, "description": description},
+    }
+
+    stopped = False
+    step = start_epoch * cfg.steps_per_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        cfg.extra["epoch_offset"] = epoch
+        loader = torch.utils.data.DataLoader(
+            _Batches(pairs, cfg, pair_weights if val_given else None), batch_size=None, num_workers=cfg.workers,
+            persistent_workers=False,
+        )
+        it = iter(loader)
+        net.train()
+        t0, losses, sf1s = time.time(), [], []
+        for _ in range(cfg.steps_per_epoch):
+            if should_stop is not None and should_stop():
+                stopped = True
+                break
+            batch = _to_torch(next(it))
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            out = net(batch["x"].contiguous(memory_format=torch.channels_last))
+            loss, sf1 = total_loss(out[:, 0], out[:, 1:], batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+            sf1s.append(float(sf1.mean()))
+            step += 1
+            if progress is not None:
+                progress({"step": step, "total": total_steps, "epoch": epoch, "loss": losses[-1]})
+        del it, loader
+        net.eval()
+        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                  "smooth_f1": float(np.mean(sf1s)) if sf1s else float("nan"),
+                  "seconds": time.time() - t0}
+        if val_pairs and (losses or stopped):
+            val = evaluate_pairs(_inference_copy(net, model_config), val_pairs, cfg.threshold)
+            record["val"] = val
+            val_score = val["f1_int"]
+        else:
+            val_score = record["smooth_f1"]
+        history.append(record)
+        logger.info("epoch %d: %s", epoch, json.dumps(record))
+        if val_score > best["score"] and losses:
+            best = {"score": float(val_score), "epoch": epoch}
+            torch.save({"net": net.state_dict()}, ckpt_dir / "best.pt")
+            # A usable model folder of the best epoch so far, for long runs.
+            snap = dict(model_config, training=dict(model_config["training"], history=history))
+            save_model(net, snap, ckpt_dir / "best_model", model_card(snap), overwrite=True)
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+                    "history": json.dumps(history), "best": json.dumps(best)},
+                   ckpt_dir / "last.pt")
+        if progress is not None:
+            progress({"epoch_done": epoch, "record": record, "total_epochs": cfg.epochs})
+        if stopped:
+            break
+
+    if (ckpt_dir / "best.pt").exists():
+        net.load_state_dict(torch.load(ckpt_dir / "best.pt", weights_only=True)["net"])
+    net.eval()
+    model_config["training"]["history"] = history
+    model_config["training"]["best_epoch"] = best["epoch"]
+    model_config["training"]["stopped_early"] = stopped
+    if tune_threshold and val_pairs:
+        thr, metrics = choose_threshold(_inference_copy(net, model_config), val_pairs)
+        model_config["threshold"] = thr
+        model_config["training"]["threshold_tuned_on"] = "validation pairs"
+        logger.info("threshold %.2f chosen on the validation pairs", thr)
+    final = evaluate_pairs(_inference_copy(net, model_config), val_pairs,
+                           model_config["threshold"]) if val_pairs else {}
+    model_config["metrics"] = {"validation": final}
+    card = model_card(model_config)
+    return save_model(net, model_config, out_dir, card, overwrite=overwrite)
+
+
+def model_card(config: dict) -> str:
+    """A short human-readable description of a model folder."""
+    tr = config["training"]
+    val = config.get("metrics", {}).get("validation", {})
+    lines = [
+        f"# {config['name']}",
+        "",
+        f"piscis spot model (SpotNet, channels {config['architecture']['channels']}), "
+        f"threshold {config['threshold']}, scale {config['scale']}.",
+        "",
+        "## Training data",
+        "",
+        tr.get("description") or "",
+        f"- pairs: {len(tr['pairs'])} ({', '.join(tr['pairs'][:20])}{' ...' if len(tr['pairs']) > 20 else ''})",
+        f"- validation pairs: {', '.join(tr['validation']) or 'none'}",
+        f"- synthetic share of each batch: {tr['config']['synthetic_fraction']}",
+        f"- started from: {tr['init'] or 'random initialisation'}",
+        f"- epochs run: {len(tr.get('history', []))}, best epoch {tr.get('best_epoch')}",
+        "",
+        "## Validation figures",
+        "",
+    ]
+    if val:
+        lines += [f"- {k}: {v:.3f}" for k, v in val.items() if isinstance(v, float)]
+    else:
+        lines.append("- none (no validation pairs)")
+    for k, v in config.get("metrics", {}).items():
+        if k != "validation" and isinstance(v, dict):
+            lines += ["", f"### {k}", ""] + [f"- {a}: {b}" for a, b in v.items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,134 @@
+"""Train the default model shipped in ``models/default``.
+
+One command, from the synthetic generator plus the parts of
+``../shared/data`` that its README allows for training:
+
+- ``real/insta-iss``: the left half (x < width / 2) only;
+- ``real/insta-beads``: the left half only;
+- ``semisynthetic/insta``: the 12 ``cells_*`` images (2 held out for validation).
+
+Never ``real/insta-smfish`` (the validation image of the shipped model), nor
+the right halves or the ``tissue_*`` images (kept for reporting).
+
+    python scripts/train_default.py -o models/default [--epochs 14] [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from piscis import synth  # noqa: E402
+from piscis.data import Pair  # noqa: E402
+from piscis.io import read_image_2d, read_spots  # noqa: E402
+from piscis.train import TrainConfig, train  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def left_half(name: str, folder: Path) -> Pair:
+    image = read_image_2d(folder / "image.png")
+    coords = read_spots(folder / "spots.csv")
+    half = image.shape[1] // 2
+    keep = coords[:, 1] < half - 0.5
+    return Pair(name, image[:, :half].copy(), coords[keep])
+
+
+def real_pairs(data: Path) -> tuple[list[Pair], list[Pair], list[float]]:
+    pairs, weights = [], []
+    for name, w in (("insta-iss", 0.2), ("insta-beads", 0.15)):
+        folder = data / "real" / name
+        if folder.is_dir():
+            pairs.append(left_half(f"{name}-left", folder))
+            weights.append(w)
+    semi = sorted((data / "semisynthetic" / "insta" / "images").glob("cells_*.png"))
+    val = []
+    for i, path in enumerate(semi):
+        p = Pair(path.stem, read_image_2d(path, channel=0),
+                 read_spots(path.parent.parent / "spots" / (path.stem + ".csv")))
+        # Hold out one SNR-5 and one SNR-10 image for validation.
+        if path.stem.endswith(("nspots100_spot_sig1.75_snr5_2.5", "nspots50_spot_sig1.75_snr10_2.5")):
+            val.append(p)
+        else:
+            pairs.append(p)
+            weights.append(0.65 / max(1, len(semi) - 2))
+    return pairs, val, weights
+
+
+def synthetic_val(n: int = 8, seed: int = 12345) -> list[Pair]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        image, coords = synth.generate(rng, synth.SynthConfig(shape=(256, 256), empty_fraction=0.1))
+        out.append(Pair(f"synthetic-val-{i}", image, coords))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--output", default=str(ROOT / "models" / "default"))
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--epochs", type=int, default=14)
+    ap.add_argument("--steps", type=int, default=200, help="steps per epoch")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--crop", type=int, default=96)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # One thread for the network, one worker process drawing the batches:
+    # two threads on a busy 2-core machine are ten times slower, not faster.
+    torch.set_num_threads(args.threads)
+
+    data = Path(args.data)
+    pairs, val, weights = real_pairs(data) if data.is_dir() else ([], [], [])
+    val += synthetic_val()
+    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch,
+                      crop=args.crop, seed=args.seed, synthetic_fraction=0.5,
+                      extra={"pair_weights": weights})
+    out = Path(args.output)
+    ckpt = out.with_name(out.name + ".ckpt")
+    bar = tqdm(total=cfg.epochs * cfg.steps_per_epoch, desc="training", unit="step")
+    t0 = time.time()
+
+    def progress(info):
+        if "step" in info:
+            bar.n = info["step"]
+            bar.set_postfix(loss=f"{info['loss']:.3f}")
+            bar.refresh()
+        elif "epoch_done" in info:
+            rec = info["record"]
+            val_f1 = rec.get("val", {}).get("f1_int", float("nan"))
+            tqdm.write(f"epoch {rec['epoch']}: loss {rec['loss']:.3f} smoothF1 "
+                       f"{rec['smooth_f1']:.3f} val f1_int {val_f1:.3f} ({time.time() - t0:.0f}s)")
+
+    description = (
+        "Synthetic images from piscis.synth (half of every batch), and the training parts "
+        "of ../shared/data: the left halves of real/insta-iss and real/insta-beads, and 10 of "
+        "the 12 semisynthetic/insta cells_* images (2 held out for validation, with 8 "
+        "synthetic images). Never real/insta-smfish, the right halves, nor the tissue_* images."
+    )
+    train(pairs, out, cfg, val_pairs=val, checkpoint_dir=ckpt, resume=args.resume,
+          overwrite=args.overwrite, progress=progress, description=description,
+          tune_threshold=True, pair_weights=weights)
+    bar.close()
+    shutil.rmtree(ckpt, ignore_errors=True)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

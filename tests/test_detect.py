@@ -1,0 +1,173 @@
+"""Detection: normalisation, tiling, decoding, intensities, and the shipped
+model on simple synthetic images (the CASES.md conventions)."""
+
+import numpy as np
+import pytest
+import torch
+
+from piscis.detect import decode, detect, estimate_normalization, predict_maps, spots_from_maps
+from piscis.io import MODELS_DIR, LoadedModel, load_model
+from piscis.metrics import match
+from piscis.model import SpotNet, fuse_batchnorm
+from piscis.synth import noise_image, spot_image
+
+HAS_DEFAULT = (MODELS_DIR / "default" / "model.safetensors").exists()
+needs_default = pytest.mark.skipif(not HAS_DEFAULT, reason="no shipped default model")
+
+
+@pytest.fixture(scope="module")
+def default():
+    return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    """An untrained network with a low threshold: plenty of spots, any weights."""
+    torch.manual_seed(0)
+    net = fuse_batchnorm(SpotNet((4, 8, 16)).eval())
+    with torch.no_grad():
+        net.head.bias[0] = 0.0
+    return LoadedModel(net.to(memory_format=torch.channels_last), {"threshold": 0.6, "name": "r"})
+
+
+def _recall(pred, true, cutoff=1.5):
+    return len(match(pred, true, cutoff)[0]) / max(len(true), 1)
+
+
+def test_noise_estimate_is_right_for_gaussian_noise():
+    rng = np.random.default_rng(0)
+    img = 1000 + rng.normal(0, 7.0, (512, 512))
+    norm = estimate_normalization(img)
+    assert norm.background == pytest.approx(1000, abs=1)
+    assert norm.noise == pytest.approx(7.0, rel=0.05)
+
+
+def test_flat_and_clipped_images_do_not_blow_up_the_noise():
+    flat = np.full((64, 64), 100, np.uint16)
+    assert estimate_normalization(flat).noise >= 0.5
+    zeros = np.zeros((64, 64), np.uint16)
+    assert np.all(estimate_normalization(zeros).apply(zeros) == 0)
+
+
+def test_tiled_and_untiled_maps_and_spots_agree(random_model):
+    rng = np.random.default_rng(3)
+    img, _ = spot_image(rng, (520, 700), n_spots=150)
+    whole, _ = predict_maps(img, random_model.net, tile_size=2048)
+    tiled, _ = predict_maps(img, random_model.net, tile_size=128)
+    assert np.abs(whole.logit - tiled.logit).max() < 1e-3
+    thr = float(np.quantile(whole.prob, 0.999))
+    a = detect(img, random_model, threshold=thr, tile_size=2048)
+    b = detect(img, random_model, threshold=thr, tile_size=128)
+    assert len(a) == len(b) > 50
+    np.testing.assert_allclose(a.coords, b.coords, atol=1e-3)
+
+
+def test_decoding_cached_maps_equals_detect(random_model):
+    rng = np.random.default_rng(4)
+    img, _ = spot_image(rng, (256, 256), n_spots=30)
+    maps, _ = predict_maps(img, random_model.net)
+    lo, hi = (float(np.quantile(maps.prob, q)) for q in (0.99, 0.999))
+    direct = detect(img, random_model, threshold=lo)
+    cached = spots_from_maps(maps, img, lo)
+    assert len(cached) > 10
+    np.testing.assert_allclose(direct.coords, cached.coords)
+    higher = spots_from_maps(maps, img, hi)
+    assert 0 < len(higher) < len(cached)
+    # Every spot above the higher threshold is also a spot at the lower one.
+    assert len(match(higher.coords, cached.coords, 1e-6)[0]) == len(higher)
+
+
+def test_decode_breaks_ties_on_plateaus():
+    logit = np.full((9, 9), -10.0, np.float32)
+    logit[4, 4] = logit[4, 5] = 5.0  # two equal maxima side by side
+    coords, scores, _ = decode(logit, np.zeros((2, 9, 9), np.float32), 0.5)
+    assert len(coords) == 1
+
+
+def test_rejects_non_2d_and_odd_dtypes(random_model):
+    with pytest.raises(ValueError, match="2D"):
+        detect(np.zeros((3, 8, 8)), random_model)
+    with pytest.raises(TypeError, match="bool"):
+        detect(np.zeros((8, 8), bool), random_model)
+    with pytest.raises(ValueError, match="threshold"):
+        detect(np.zeros((8, 8)), random_model, threshold=1.5)
+
+
+def test_intensity_is_background_subtracted_disk_sum():
+    from piscis.detect import spot_intensities
+    from piscis.synth import render_spots
+
+    img = 100.0 + render_spots((41, 41), np.array([[20.0, 20.0]]), np.array([1.0]),
+                               np.array([500.0]))
+    inten, bg = spot_intensities(img, np.array([[20.0, 20.0]]), radius=2.0)
+    assert bg[0] == pytest.approx(100.0, abs=0.5)
+    disk = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if dy * dy + dx * dx <= 4]
+    expected = sum(img[20 + dy, 20 + dx] - bg[0] for dy, dx in disk)
+    assert inten[0] == pytest.approx(expected, rel=1e-6)
+
+
+@needs_default
+@pytest.mark.parametrize("kind", ["flat", "noise", "zeros"])
+def test_blank_images_give_no_spots(default, kind):
+    rng = np.random.default_rng(0)
+    img = {
+        "flat": np.full((512, 512), 100, np.uint16),
+        "noise": noise_image(rng),
+        "zeros": np.zeros((512, 512), np.uint16),
+    }[kind]
+    assert len(detect(img, default)) == 0
+
+
+@needs_default
+def test_finds_spots_and_edge_spots(default):
+    rng = np.random.default_rng(1)
+    edge = np.array([[1.0, 50], [254.5, 100], [128, 0.0], [128, 255.0], [0.0, 0.0], [255, 255]])
+    _, inner = spot_image(rng, (256, 256), n_spots=14, margin=10)
+    coords = np.concatenate([edge, inner])
+    img, truth = spot_image(rng, (256, 256), coords=coords)
+    spots = detect(img, default)
+    assert abs(len(spots) - 20) <= 1
+    assert _recall(spots.coords, truth) >= 0.95
+    pi, ti = match(spots.coords, truth, 1.5)
+    assert set(range(6)) <= set(ti.tolist()), "an edge spot was missed"
+    assert np.all(spots.background > 80) and np.all(spots.intensity > 0)
+
+
+@needs_default
+def test_integer_dtypes_agree_and_floats_are_close(default):
+    rng = np.random.default_rng(2)
+    img, truth = spot_image(rng, (256, 256), n_spots=25, amp=150, background=20, noise_sd=3,
+                            dtype=np.uint8)
+    ref = detect(img.astype(np.uint16), default).coords
+    assert _recall(ref, truth) > 0.9
+    for dt in (np.uint8, np.int16, np.int32, np.int64, ">u2", "<i4"):
+        np.testing.assert_allclose(detect(img.astype(dt), default).coords, ref, atol=1e-4)
+    for dt in (np.float16, np.float32, np.float64):
+        got = detect(img.astype(dt), default).coords
+        assert len(got) == len(ref)
+        assert len(match(got, ref, 0.5)[0]) == len(ref)
+
+
+@needs_default
+def test_nan_pixels_are_ignored(default):
+    rng = np.random.default_rng(5)
+    img, truth = spot_image(rng, (256, 256), n_spots=20, amp=300, dtype=np.float32)
+    far = np.all(np.abs(truth - 107) > 14, axis=1) & (truth[:, 0] > 3)
+    img[0] = np.nan
+    img[100:116, 100:116] = np.nan
+    img[50, 200], img[200, 50] = np.inf, -np.inf
+    spots = detect(img, default)
+    assert np.all(np.isfinite(spots.coords))
+    assert _recall(spots.coords, truth[far]) >= 0.95
+    assert len(spots) <= far.sum() + 1
+    assert len(detect(np.full((64, 64), np.nan, np.float32), default)) == 0
+
+
+@needs_default
+def test_scale_returns_coordinates_in_the_input_frame(default):
+    rng = np.random.default_rng(6)
+    img, truth = spot_image(rng, (400, 400), n_spots=25, sigma=2.2, amp=400, min_sep=12)
+    spots = detect(img, default, scale=0.5)
+    assert _recall(spots.coords, truth, 1.5) >= 0.9
+    pi, ti = match(spots.coords, truth, 1.5)
+    assert np.abs(spots.coords[pi] - truth[ti]).mean() < 0.5
