@@ -5,11 +5,14 @@ The core works on NumPy arrays and imports neither Qt nor napari::
     from piscis import detect, read_image
     spots = detect(image)            # the default model shipped in the package
     spots.coords                     # (N, 2) float, (y, x)
+
+    from piscis import count_spots
+    spots, cells = count_spots(image, nuclear_image=dapi)   # per spot and per cell tables
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "detect", "load_model", "read_image"]
+__all__ = ["__version__", "count_spots", "detect", "load_model", "read_image"]
 
 
 def __getattr__(name):
@@ -18,6 +21,10 @@ def __getattr__(name):
         from .detect import detect
 
         return detect
+    if name == "count_spots":
+        from .api import count_spots
+
+        return count_spots
     if name in ("load_model", "read_image"):
         from . import io
 

@@ -21,6 +21,21 @@ from .io import IMAGE_SUFFIXES, InputError
 logger = logging.getLogger("piscis")
 
 SUMMARY_COLUMNS = ["image", "n_spots", "height", "width", "threshold", "model"]
+SUMMARY_CELL_COLUMNS = ["n_cells", "n_spots_in_cells"]
+# A mask for image stem S is named S or S + one of these (case-insensitive), in this order
+# of preference, with one of MASK_EXTENSIONS.
+MASK_SUFFIXES = (
+    "",
+    "_seg",
+    "_masks",
+    "_mask",
+    "_labels",
+    "_cp_masks",
+    ".labels",
+    ".mask",
+    "-labels",
+)
+MASK_EXTENSIONS = (".tif", ".tiff", ".npy", ".png")
 SKIPPED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 
@@ -104,33 +119,249 @@ def output_names(images: list[Path]) -> dict[Path, str]:
 # --------------------------------------------------------------------------- commands
 
 
-def _detect_one(path: Path, args, model):
-    from .detect import detect
-    from .io import read_image
+def _count_one(path: Path, args, model, masks: dict):
+    """Read one image (and its channels and masks) and run :func:`piscis.api.count_spots`."""
+    from .api import count_spots, read_mask
+    from .io import read_channels, read_image
 
-    # The reader logs its notes (z-projection) itself; all-NaN images are reported below.
-    data = read_image(path, channel=args.channel, axes=args.axes)
-    image = data.image
-    n_bad = int(image.size - np.count_nonzero(np.isfinite(image))) if image.dtype.kind == "f" else 0
-    if n_bad:
-        logger.warning("%s: %d non-finite (NaN or infinite) pixels are ignored", path, n_bad)
-    spots = detect(image, model=model, threshold=args.threshold, scale=args.scale,
-                   tile_size=args.tile_size)
-    if len(spots) == 0:
-        logger.warning("%s: no spots detected", path)
-    return image, spots
+    nuc_ch = getattr(args, "nuclei_channel", None)
+    cyto_ch = getattr(args, "cytoplasm_channel", None)
+    planes = {}
+    # The reader logs its notes (z-projection) itself; all-NaN images are reported by detect.
+    if nuc_ch is None and cyto_ch is None:
+        image = read_image(path, channel=args.channel, axes=args.axes).image
+    else:
+        wanted = {"nuclear_image": nuc_ch, "cytoplasm_image": cyto_ch}
+        wanted = {k: c for k, c in wanted.items() if c is not None}
+        data = read_channels(path, [args.channel, *wanted.values()], axes=args.axes)
+        image = data[0].image
+        planes = {k: d.image for k, d in zip(wanted, data[1:])}
+    labels = {}
+    for kind, found in masks.items():
+        where = found[path]
+        if isinstance(where, str):  # no mask for this image: the reason
+            raise InputError(where)
+        try:
+            mask = read_mask(where)
+        except ValueError as e:
+            raise InputError(f"{path}: {kind} mask: {e}") from None
+        if mask.shape != image.shape:
+            raise InputError(
+                f"{path}: {kind} mask {where} has shape {mask.shape}, the image {image.shape}"
+            )
+        labels[kind] = mask
+    seg = {}
+    if getattr(args, "cells_mode", False):
+        seg = {
+            "nucleus_diameter": args.nucleus_diameter,
+            "min_nucleus_area": args.min_nucleus_area,
+            "expand": args.expand,
+        }
+    table, cell_rows, used = count_spots(
+        image,
+        **labels,
+        **planes,
+        model=model,
+        threshold=args.threshold,
+        scale=args.scale,
+        tile_size=args.tile_size,
+        name=str(path),
+        return_masks=True,
+        **seg,
+    )
+    segmented = {}
+    if "nuclear_image" in planes:
+        segmented["nuclei"] = used["nuclei"]
+    if "cells" not in labels and used["cells"] is not None:
+        segmented["cells"] = used["cells"]
+    return image, table, cell_rows, segmented
+
+
+def _mask_files(spec: str, kind: str) -> tuple[list[Path], str | None, str, bool]:
+    """The candidate files of ``--cells``/``--nuclei``.
+
+    Returns (files, the pattern's file name or None, where we looked, one file given).
+    """
+    p = Path(spec)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and _mask_ext(f))
+        return files, None, f"folder {p}", False
+    if p.is_file():
+        return [p], None, str(p), True
+    if any(c in spec for c in "*?["):
+        files = sorted(Path(m) for m in glob.glob(spec) if Path(m).is_file())
+        return [f for f in files if _mask_ext(f)], p.name, f"files matching {spec!r}", False
+    raise InputError(f"--{kind} {spec}: no such file or folder")
+
+
+def _mask_ext(f: Path) -> bool:
+    return f.suffix.lower() in MASK_EXTENSIONS
+
+
+def _mask_rank(stem: str, f: Path, pattern: str | None) -> int | None:
+    """How well ``f`` names a mask for image stem ``stem`` (lower is better; None: not)."""
+    if not _mask_ext(f):
+        return None
+    name = f.name.lower()
+    if pattern is not None and pattern.count("*") == 1 and not any(c in pattern for c in "?["):
+        head, tail = pattern.lower().split("*")
+        if name == head + stem.lower() + tail:
+            return -1  # the pattern's '*' stands for the image name
+    base = name[: -len(f.suffix)]
+    for rank, suffix in enumerate(MASK_SUFFIXES):
+        if base == (stem + suffix).lower():
+            return rank
+    return None
+
+
+def match_masks(spec: str, images: list[Path], kind: str = "cells") -> dict[Path, Path | str]:
+    """Find the mask of each image for ``--cells`` / ``--nuclei`` ``spec``.
+
+    ``spec`` is a folder, a glob pattern or (with one image) one file. For image stem S
+    (:func:`image_stem`) a candidate's name, case-insensitive, must be S or S + one of
+    :data:`MASK_SUFFIXES`, with an extension of :data:`MASK_EXTENSIONS`; with a pattern
+    holding one ``*`` the name the pattern gives with ``*`` = S also matches (and is
+    preferred). Several matches: the first suffix in that order wins (info message). A
+    file that is itself an input image is not its own (or a same-stem image's) mask.
+
+    Returns
+    -------
+    dict: image -> mask path, or the reason (a message naming the image and where we
+    looked) when there is none.
+
+    Raises
+    ------
+    InputError
+        ``spec`` does not exist, or is one file while there are several images.
+    """
+    files, pattern, where, single = _mask_files(spec, kind)
+    if single:
+        if len(images) > 1:
+            raise InputError(
+                f"--{kind} {spec} is one file but there are {len(images)} images; "
+                "give a folder or a pattern, matched by image name (see --help)"
+            )
+        return {f: files[0] for f in images}
+    inputs = {f.resolve() for f in images}
+    out: dict[Path, Path | str] = {}
+    for image in images:
+        stem = image_stem(image)
+        found = []
+        for f in files:
+            rank = _mask_rank(stem, f, pattern)
+            key = f.resolve()
+            if rank is None or key == image.resolve() or (rank == 0 and key in inputs):
+                continue
+            found.append((rank, MASK_EXTENSIONS.index(f.suffix.lower()), f))
+        if not found:
+            tried = ", ".join(repr(stem + x) for x in MASK_SUFFIXES[1:])
+            out[image] = (
+                f"{image}: no {kind} mask in {where} (looked for {stem!r} or {tried} + "
+                f"{'/'.join(MASK_EXTENSIONS)}, case-insensitive)"
+            )
+            continue
+        found.sort(key=lambda t: t[:2])
+        out[image] = found[0][2]
+        if len(found) > 1:
+            others = ", ".join(str(t[2]) for t in found[1:])
+            logger.info("%s: %s mask %s (also found: %s)", image, kind, found[0][2], others)
+        else:
+            logger.debug("%s: %s mask %s", image, kind, found[0][2])
+    return out
+
+
+def _check_cell_options(args) -> str | None:
+    """Fill in defaults of the cell options; return a usage error or None."""
+    if not hasattr(args, "cells"):  # `piscis detect`: no cell options
+        args.cells_mode = False
+        return None
+    if args.nuclei is not None and args.nuclei_channel is not None:
+        return "give --nuclei or --nuclei-channel, not both"
+    if args.cells is not None and args.cytoplasm_channel is not None:
+        return "give --cells or --cytoplasm-channel, not both"
+    if args.cytoplasm_channel is not None and args.nuclei is None and args.nuclei_channel is None:
+        return "--cytoplasm-channel needs nuclei (--nuclei-channel or --nuclei) as seeds"
+    if args.nucleus_diameter is not None and not args.nucleus_diameter > 0:
+        return f"--nucleus-diameter must be positive, got {args.nucleus_diameter}"
+    if args.expand is not None and not args.expand >= 0:
+        return f"--expand must be 0 or more, got {args.expand}"
+    args.cells_mode = any(v is not None for v in (args.cells, args.nuclei, args.nuclei_channel))
+    segmenting = args.nuclei_channel is not None
+    growing = args.cells is None and args.cytoplasm_channel is None and args.cells_mode
+    if not segmenting and (args.nucleus_diameter is not None or args.min_nucleus_area is not None):
+        logger.warning(
+            "--nucleus-diameter and --min-nucleus-area are only used with --nuclei-channel"
+        )
+    if not growing and args.expand is not None:
+        logger.warning("--expand is only used when cells are grown from nuclei")
+    if args.save_masks and not (segmenting or growing or args.cytoplasm_channel is not None):
+        logger.warning("--save-masks: no masks are segmented, nothing to save")
+    args.nucleus_diameter = 30.0 if args.nucleus_diameter is None else args.nucleus_diameter
+    args.expand = 15.0 if args.expand is None else args.expand
+    return None
+
+
+def _write_labels(path: Path, labels: np.ndarray) -> None:
+    """Write a label image as a TIFF through a temporary file and a rename."""
+    import os
+    import tempfile
+
+    import tifffile
+
+    top = int(labels.max()) if labels.size else 0
+    dtype = np.uint16 if top <= 0xFFFF else np.uint32 if top <= 0xFFFFFFFF else np.int64
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes the file private
+        tifffile.imwrite(tmp, labels.astype(dtype), photometric="minisblack", compression="zlib")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
+    from .cells import CELL_COLUMNS
     from .io import atomic_write_text, load_model, table_text, write_table
 
+    problem = _check_cell_options(args)
+    if problem:
+        logger.error("%s", problem)
+        return 2
     images, failures = expand_inputs(args.inputs)
+    masks: dict[str, dict] = {}
+    for kind in ("cells", "nuclei"):
+        spec = getattr(args, kind, None)
+        if spec is None:
+            continue
+        try:
+            masks[kind] = match_masks(spec, images, kind)
+        except InputError as e:
+            logger.error("%s", e)
+            return 2
+    # Masks in the input folder are masks, not images.
+    used = {p.resolve() for found in masks.values() for p in found.values() if isinstance(p, Path)}
+    for f in [f for f in images if f.resolve() in used]:
+        logger.info("%s: used as a mask, not counted as an image", f)
+    images = [f for f in images if f.resolve() not in used]
+    cells_mode = args.cells_mode
+    save_masks = cells_mode and getattr(args, "save_masks", False)
+    out_dir = summary_path.parent if summary_path is not None else spots_dir
+    cells_path = out_dir / "cells.csv" if cells_mode else None
     names = output_names(images)
     targets = [spots_dir / f"{names[f]}.csv" for f in images]
     if not args.overwrite:
         existing = [t for t in targets if t.exists()]
-        if summary_path is not None and summary_path.exists():
-            existing.insert(0, summary_path)
+        for extra in (cells_path, summary_path):
+            if extra is not None and extra.exists():
+                existing.insert(0, extra)
+        if save_masks:
+            for n in names.values():
+                existing += sorted((out_dir / "masks").glob(f"{glob.escape(n)}.*.tif"))
         if existing:
             logger.error(
                 "%s already holds results (%s%s); pass --overwrite or choose another output folder",
@@ -151,15 +382,31 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
 
     from tqdm import tqdm
 
+    columns = SUMMARY_COLUMNS + (SUMMARY_CELL_COLUMNS if cells_mode else [])
+    cell_columns = ["image", *CELL_COLUMNS]
     rows: list[dict] = []
+    all_cells: list[dict] = []
+
+    def write_tables():  # rewritten after each image: an interrupted run keeps them
+        if summary_path is not None:
+            atomic_write_text(summary_path, table_text(_columns(rows, columns)))
+        if cells_path is not None:
+            atomic_write_text(cells_path, table_text(_columns(all_cells, cell_columns)))
+
     t0 = time.time()
     n_total = 0
     bar = tqdm(images, desc="images", unit="image", disable=args.quiet or len(images) < 2)
     for path, target in zip(images, targets):
         bar.set_postfix_str(path.name[-30:])
         try:
-            image, spots = _detect_one(path, args, model)
-            write_table(target, spots.columns())
+            image, table, cell_rows, segmented = _count_one(path, args, model, masks)
+            write_table(target, table)
+            if save_masks:
+                for kind in ("cells", "nuclei"):
+                    if kind in segmented:
+                        _write_labels(
+                            out_dir / "masks" / f"{names[path]}.{kind}.tif", segmented[kind]
+                        )
         # RuntimeError: torch's own out-of-memory error on a CPU; one image must not end the run.
         except (InputError, ValueError, TypeError, OSError, MemoryError, RuntimeError) as e:
             msg = str(e) if str(path) in str(e) else f"{path}: {e}"
@@ -167,16 +414,28 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
             failures.append((str(path), msg))
             bar.update(1)
             continue
-        n_total += len(spots)
-        rows.append({"image": str(path), "n_spots": len(spots), "height": image.shape[0],
-                     "width": image.shape[1], "threshold": threshold, "model": model.name})
-        if summary_path is not None:  # rewritten after each image: an interrupted run keeps it
-            atomic_write_text(summary_path, table_text(_columns(rows)))
+        n_spots = len(table["y"])
+        n_total += n_spots
+        row = {
+            "image": str(path),
+            "n_spots": n_spots,
+            "height": image.shape[0],
+            "width": image.shape[1],
+            "threshold": threshold,
+            "model": model.name,
+        }
+        if cells_mode:
+            row["n_cells"] = len(cell_rows)
+            row["n_spots_in_cells"] = int(np.count_nonzero(np.asarray(table["cell_id"]) > 0))
+            all_cells.extend({"image": str(path), **r} for r in cell_rows)
+        rows.append(row)
+        write_tables()
         bar.update(1)
         bar.set_postfix(spots=n_total)
     bar.close()
-    if summary_path is not None:
-        atomic_write_text(summary_path, table_text(_columns(rows)))
+    if rows or not failures:
+        # A run where every image failed leaves no summary, so it can simply be re-run.
+        write_tables()
     dt = time.time() - t0
     logger.info(
         "%d image(s), %d spots in %.1f s; results in %s", len(rows), n_total, dt, args.output
@@ -189,8 +448,8 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
     return 0
 
 
-def _columns(rows: list[dict]) -> dict[str, list]:
-    return {k: [r[k] for r in rows] for k in SUMMARY_COLUMNS}
+def _columns(rows: list[dict], names: list[str] = SUMMARY_COLUMNS) -> dict[str, list]:
+    return {k: [r[k] for r in rows] for k in names}
 
 
 def cmd_detect(args) -> int:
@@ -220,17 +479,25 @@ def cmd_train(args) -> int:
     if out.exists() and not args.overwrite:
         logger.error("%s exists; choose another folder or pass --overwrite", out)
         return 2
-    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch,
-                      crop=args.crop, lr=args.lr, seed=args.seed,
-                      synthetic_fraction=args.synthetic_fraction, val_fraction=args.val_fraction,
-                      workers=args.workers)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        steps_per_epoch=args.steps,
+        batch_size=args.batch,
+        crop=args.crop,
+        lr=args.lr,
+        seed=args.seed,
+        synthetic_fraction=args.synthetic_fraction,
+        val_fraction=args.val_fraction,
+        workers=args.workers,
+    )
     if args.init is None and args.synthetic_fraction == 0 and len(pairs) < 3:
         logger.warning("training from scratch on %d image(s): consider --init default", len(pairs))
 
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.epochs * cfg.steps_per_epoch, desc="training", unit="step",
-               disable=args.quiet)
+    bar = tqdm(
+        total=cfg.epochs * cfg.steps_per_epoch, desc="training", unit="step", disable=args.quiet
+    )
 
     def progress(info):
         if "step" in info:
@@ -240,14 +507,26 @@ def cmd_train(args) -> int:
         elif "epoch_done" in info:
             rec = info["record"]
             val = rec.get("val", {})
-            tqdm.write(f"epoch {rec['epoch'] + 1}/{cfg.epochs}: loss {rec['loss']:.3f}"
-                       + (f", validation F1@3 {val['f1_3']:.3f}, integrated F1 {val['f1_int']:.3f}"
-                          if val else ""))
+            tqdm.write(
+                f"epoch {rec['epoch'] + 1}/{cfg.epochs}: loss {rec['loss']:.3f}"
+                + (
+                    f", validation F1@3 {val['f1_3']:.3f}, integrated F1 {val['f1_int']:.3f}"
+                    if val
+                    else ""
+                )
+            )
 
     try:
-        path = train(pairs, out, cfg, init=args.init, resume=args.resume,
-                     overwrite=args.overwrite, progress=progress,
-                     description=f"Trained with `piscis train {args.data}`.")
+        path = train(
+            pairs,
+            out,
+            cfg,
+            init=args.init,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=progress,
+            description=f"Trained with `piscis train {args.data}`.",
+        )
     except (InputError, FileExistsError, ValueError) as e:
         bar.close()
         logger.error("%s", e)
@@ -298,31 +577,130 @@ def cmd_evaluate(args) -> int:
 
 
 def _score_line(name, s) -> str:
-    return (f"{name:30s} {s['n_pred']:6.0f} {s['n_true']:6.0f} {s['f1_1']:6.3f} {s['f1_2']:6.3f} "
-            f"{s['f1_3']:6.3f} {s['f1_int']:6.3f} {s['precision']:6.3f} {s['recall']:6.3f} "
-            f"{s['loc_error']:7.3f}")
+    return (
+        f"{name:30s} {s['n_pred']:6.0f} {s['n_true']:6.0f} {s['f1_1']:6.3f} {s['f1_2']:6.3f} "
+        f"{s['f1_3']:6.3f} {s['f1_int']:6.3f} {s['precision']:6.3f} {s['recall']:6.3f} "
+        f"{s['loc_error']:7.3f}"
+    )
 
 
 # --------------------------------------------------------------------------- parser
 
 
 def _detection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="image files, folders of images, or glob patterns ('data/*.tif')")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files, folders of images, or glob patterns ('data/*.tif')",
+    )
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("--model", default=None,
-                   help="a shipped model name or a model folder (default: the shipped 'default')")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="spot probability threshold (default: the model's own)")
-    p.add_argument("--channel", type=int, default=None,
-                   help="channel index for multi-channel images (0-based)")
-    p.add_argument("--axes", default=None,
-                   help="axes of the file, overriding its metadata, e.g. YX, ZYX, YXC, CYX")
-    p.add_argument("--scale", type=float, default=None,
-                   help="resize factor before detection; < 1 for spots larger than 2-3 px")
-    p.add_argument("--tile-size", type=int, default=1024,
-                   help="tile core size in pixels; memory is bounded by it (default 1024)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a shipped model name or a model folder (default: the shipped 'default')",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="spot probability threshold (default: the model's own)",
+    )
+    p.add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="channel of the spots in multi-channel images (0-based)",
+    )
+    p.add_argument(
+        "--axes",
+        default=None,
+        help="axes of the file, overriding its metadata, e.g. YX, ZYX, YXC, CYX",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="resize factor before detection; < 1 for spots larger than 2-3 px",
+    )
+    p.add_argument(
+        "--tile-size",
+        type=int,
+        default=1024,
+        help="tile core size in pixels; memory is bounded by it (default 1024)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing results")
+
+
+CELLS_HELP = """\
+Spots per cell: give label masks (0 = background, one id per cell; TIFF, .npy, Cellpose
+_seg.npy or PNG) with --cells/--nuclei, or segment nuclei with --nuclei-channel (cells are
+then the nuclei grown by --expand px, or a watershed on --cytoplasm-channel); with
+--nuclei alone the cells are the given nuclei grown by --expand. Masks are matched to
+images by name: for image S.tif (S.ome.tif...) a mask in the folder named S or S_seg,
+S_masks, S_mask, S_labels, S_cp_masks, S.labels, S.mask or S-labels (case-insensitive),
+.tif/.tiff/.npy/.png, preferred in that order; with a pattern such as 'm/*_cells.tif' the
+'*' also stands for S. A single file is allowed when there is one image. An image whose
+mask is missing or of another shape fails (the others go on; exit code 1). Adds
+cell_id,in_nucleus to the spot tables, DIR/cells.csv (one row per cell) and
+n_cells,n_spots_in_cells to DIR/summary.csv."""
+
+
+def _cell_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cells", CELLS_HELP)
+    g.add_argument(
+        "--cells",
+        metavar="DIR_OR_PATTERN",
+        default=None,
+        help="cell masks: a folder, a glob pattern, or one file for one image",
+    )
+    g.add_argument(
+        "--nuclei",
+        metavar="DIR_OR_PATTERN",
+        default=None,
+        help="nucleus masks, matched as for --cells",
+    )
+    g.add_argument(
+        "--nuclei-channel",
+        type=int,
+        metavar="N",
+        default=None,
+        help="segment nuclei in channel N (e.g. DAPI) of each image",
+    )
+    g.add_argument(
+        "--cytoplasm-channel",
+        type=int,
+        metavar="N",
+        default=None,
+        help="cells by a watershed on channel N, seeded by the nuclei",
+    )
+    g.add_argument(
+        "--nucleus-diameter",
+        type=float,
+        metavar="PX",
+        default=None,
+        help="expected nucleus diameter in pixels (default 30)",
+    )
+    g.add_argument(
+        "--min-nucleus-area",
+        type=float,
+        metavar="PX",
+        default=None,
+        help="smallest nucleus area in pixels (default 10%% of a disk of that diameter)",
+    )
+    g.add_argument(
+        "--expand",
+        type=float,
+        metavar="PX",
+        default=None,
+        help="grow nuclei into cells by at most PX pixels (default 15; 0: the "
+        "nuclei are the cells)",
+    )
+    g.add_argument(
+        "--save-masks",
+        action="store_true",
+        help="write the masks we segment to DIR/masks/<image>.cells.tif and <image>.nuclei.tif",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -330,19 +708,40 @@ def build_parser() -> argparse.ArgumentParser:
         prog="piscis", description="Spot detection for fluorescence microscopy."
     )
     ap.add_argument("--version", action="version", version=f"piscis {__version__}")
+    # -v / -q work before or after the command name.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="more log messages"
+    )
+    common.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="errors only, no progress bar",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="more log messages")
     ap.add_argument("-q", "--quiet", action="store_true", help="errors only, no progress bar")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("detect", help="write DIR/<image>.csv of spots for each image")
+    p = sub.add_parser(
+        "detect", parents=[common], help="write DIR/<image>.csv of spots for each image"
+    )
     _detection_options(p)
     p.set_defaults(func=cmd_detect)
 
-    p = sub.add_parser("count", help="spots per image: DIR/spots/<image>.csv and DIR/summary.csv")
+    p = sub.add_parser(
+        "count",
+        parents=[common],
+        help="spots per image (and cell): DIR/spots/<image>.csv, DIR/summary.csv, DIR/cells.csv",
+    )
     _detection_options(p)
+    _cell_options(p)
     p.set_defaults(func=cmd_count)
 
-    p = sub.add_parser("train", help="train or fine-tune a model on image + CSV pairs")
+    p = sub.add_parser(
+        "train", parents=[common], help="train or fine-tune a model on image + CSV pairs"
+    )
     p.add_argument("data", help="folder of NAME.tif/.png + NAME.csv (+ NAME.mask.tif) pairs")
     p.add_argument("-o", "--output", required=True, help="new model folder (never overwritten)")
     p.add_argument("--init", default=None, help="model to start from (name or folder)")
@@ -352,8 +751,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop", type=int, default=96)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--synthetic-fraction", type=float, default=0.3,
-                   help="share of each batch drawn from the synthetic generator")
+    p.add_argument(
+        "--synthetic-fraction",
+        type=float,
+        default=0.3,
+        help="share of each batch drawn from the synthetic generator",
+    )
     p.add_argument("--channel", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1, help="processes drawing training crops")
@@ -362,7 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="F1 at 1/2/3 px, integrated F1, precision, recall")
+    p = sub.add_parser(
+        "evaluate", parents=[common], help="F1 at 1/2/3 px, integrated F1, precision, recall"
+    )
     p.add_argument("pred", help="predicted spots: a CSV or a folder of CSVs")
     p.add_argument("truth", help="true spots: a CSV or a folder of CSVs with the same names")
     p.set_defaults(func=cmd_evaluate)

@@ -156,12 +156,24 @@ def sample_real(rng: np.random.Generator, pair: Pair, size: int, augment: bool =
     return x, coords, region
 
 
+# A synthetic spot is annotated when its matched-filter signal, in units of
+# the normalisation, reaches this: amplitude * sqrt(pi) * sigma / unit.
+MIN_MATCHED_SNR = 6.0
+
+
+def visible_spots(spots: dict[str, np.ndarray], norm: Normalization) -> np.ndarray:
+    """The spots an annotator would call: those standing out of the noise
+    and not several times dimmer than the image's bright spots."""
+    matched = spots["amplitude"] * np.sqrt(np.pi) * spots["sigma"] / norm.unit
+    return spots["coords"][matched >= MIN_MATCHED_SNR]
+
+
 def sample_synthetic(rng: np.random.Generator, size: int, config: synth.SynthConfig | None = None):
-    """A normalised synthetic image with its spots (the whole image is annotated)."""
+    """A normalised synthetic image with its visible spots (all of it annotated)."""
     cfg = config or synth.SynthConfig(shape=(size, size))
-    image, coords = synth.generate(rng, cfg)
+    image, spots = synth.generate_spots(rng, cfg)
     norm = estimate_normalization(image)
-    return norm.apply(image), coords, None
+    return norm.apply(image), visible_spots(spots, norm), None
 
 
 def batch_targets(items) -> dict[str, np.ndarray]:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TILE = 1024
 SAMPLE_PIXELS = 4_000_000  # pixels used for the normalisation statistics
 COMPRESSION = 3.0  # asinh(z / COMPRESSION): linear for noise, logarithmic for bright spots
+CONTRAST_RATIO = 4.0  # the unit is at least 1/CONTRAST_RATIO of the image's spot-scale contrast
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -32,17 +33,29 @@ COMPRESSION = 3.0  # asinh(z / COMPRESSION): linear for noise, logarithmic for b
 
 @dataclass
 class Normalization:
-    """How raw intensities become network input: z = (I - background) / noise,
-    then asinh(z / compression). Both statistics come from the whole image."""
+    """How raw intensities become network input: z = (I - background) / unit,
+    then asinh(z / compression). The statistics come from the whole image.
+
+    ``unit`` is the noise, or 1/``CONTRAST_RATIO`` of the image's brightest
+    spot-scale contrast when that is larger: in an image of bright spots,
+    objects several times dimmer than them (autofluorescence, unspecific
+    background) weigh less, as they do for an expert annotator; an image of
+    noise only keeps the noise as its unit, so noise is never stretched.
+    """
 
     background: float
     noise: float
     compression: float = COMPRESSION
     n_nonfinite: int = 0
+    unit: float | None = None
+
+    def __post_init__(self):
+        if self.unit is None:
+            self.unit = self.noise
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         z = (np.asarray(image, dtype=np.float32) - np.float32(self.background)) / np.float32(
-            self.noise
+            self.unit
         )
         z = np.arcsinh(z / np.float32(self.compression))
         z[~np.isfinite(z)] = 0.0
@@ -76,7 +89,9 @@ def _band_gain() -> float:
 BAND_GAIN = _band_gain()
 
 
-def estimate_normalization(image: np.ndarray, compression: float = COMPRESSION) -> Normalization:
+def estimate_normalization(
+    image: np.ndarray, compression: float = COMPRESSION, contrast_ratio: float = CONTRAST_RATIO
+) -> Normalization:
     """Robust background and noise of an image, ignoring non-finite pixels.
 
     The background is the median. The noise is measured at the scale of a
@@ -89,6 +104,10 @@ def estimate_normalization(image: np.ndarray, compression: float = COMPRESSION) 
     gets a floor (half a grey level for integer data), so noise is never
     stretched into spots. Statistics come from the whole image, or from a
     regular grid of blocks covering a large one.
+
+    The unit of the network input is max(noise, q / contrast_ratio), where q
+    is the 99.9th percentile of the same band-pass image: the contrast of
+    the brightest spots.
     """
     sample = _sample(image).astype(np.float64)
     finite = np.isfinite(sample)
@@ -107,16 +126,18 @@ def estimate_normalization(image: np.ndarray, compression: float = COMPRESSION) 
     size = [1] * (filled.ndim - 2) + [7, 7]
     ok = ndi.minimum_filter(ok.astype(np.uint8), size=size, mode="constant") > 0
     vals = band[ok]
-    noise = 0.0
+    noise, contrast = 0.0, 0.0
     if vals.size > 100:
         noise = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) / BAND_GAIN
+        contrast = float(np.quantile(vals, 0.999))
     integer = np.issubdtype(arr.dtype, np.integer)
     floor = 0.5 if integer else max(1e-6 * float(hi - lo), 1e-12)
     if noise <= floor:
         # Fall back on the spread of all pixels (heavily quantised or clipped).
         spread = 1.4826 * float(np.median(np.abs(values - background)))
         noise = max(noise, min(spread, 1e30), floor)
-    return Normalization(background, float(noise), compression, n_nonfinite)
+    unit = max(noise, contrast / contrast_ratio) if contrast_ratio > 0 else noise
+    return Normalization(background, float(noise), compression, n_nonfinite, float(unit))
 
 
 # --------------------------------------------------------------------------- inference
@@ -206,20 +227,30 @@ def _round_up(n: int, m: int) -> int:
 
 def predict_maps(
     image: np.ndarray,
-    model: SpotNet,
+    model,
     norm: Normalization | None = None,
-    scale: float = 1.0,
+    scale: float | None = None,
     tile_size: int = DEFAULT_TILE,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Maps, Normalization]:
-    """Full-image network maps (for re-thresholding without the network)."""
-    image = np.asarray(image)
+    """Full-image network maps, to decode at any threshold without the network.
+
+    ``model`` is a :class:`piscis.io.LoadedModel` (its normalisation settings
+    and scale apply) or a bare :class:`SpotNet`. Memory: 12 bytes per pixel
+    for the maps, on top of the image.
+    """
+    image = _check_2d(image)
+    net, compression, ratio, default_scale = model, COMPRESSION, CONTRAST_RATIO, 1.0
+    if not isinstance(model, SpotNet):
+        net, compression, ratio = model.net, model.compression, model.contrast_ratio
+        default_scale = model.scale
+    scale = default_scale if scale is None else float(scale)
     if norm is None:
-        norm = estimate_normalization(image)
-    work = _rescale(image, scale) if scale != 1.0 else image
+        norm = estimate_normalization(image, compression, ratio)
+    work = _rescale(image, scale)
     h, w = work.shape
     maps = np.empty((3, h, w), dtype=np.float32)
-    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, model, norm, tile_size, progress):
+    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, net, norm, tile_size, progress):
         maps[:, y0 : y0 + ch, x0 : x0 + cw] = out[:, py : py + ch, px : px + cw]
     return Maps(maps[0], maps[1:], scale), norm
 
@@ -233,13 +264,15 @@ def _logit(p: float) -> float:
 
 
 def decode(
-    logit: np.ndarray, disp: np.ndarray, threshold: float
+    logit: np.ndarray, disp: np.ndarray, threshold: float, refine: bool = True
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spots from the maps: peaks of the vote-pooled map above ``threshold``.
 
     Returns (coords (N, 2) float, scores (N,), pixels (N, 2) int): the
-    sub-pixel position p + d(p), the pooled probability l(p), and the peak
-    pixel p. Pooling runs on logits, so saturated probabilities do not tie.
+    sub-pixel position, the pooled probability l(p), and the peak pixel p.
+    The position is p + d(p), or with ``refine`` the mean of the positions
+    q + d(q) of every pixel q voting for p, weighted by s(q). Pooling runs
+    on logits, so saturated probabilities do not tie.
     """
     lg = torch.from_numpy(np.ascontiguousarray(logit, dtype=np.float32))[None]
     dp = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None]
@@ -252,8 +285,31 @@ def decode(
         pix = _break_ties(pix, pooled.numpy())
     d = disp[:, pix[:, 0], pix[:, 1]].T if len(pix) else np.zeros((0, 2), np.float32)
     coords = pix.astype(np.float64) + d
+    if refine and len(pix):
+        coords = _vote_mean(pix, logit, disp, coords)
     scores = 1.0 / (1.0 + np.exp(-pooled.numpy()[pix[:, 0], pix[:, 1]].astype(np.float64)))
     return coords.reshape(-1, 2), scores, pix.reshape(-1, 2)
+
+
+def _vote_mean(pix, logit, disp, fallback) -> np.ndarray:
+    """Probability-weighted mean of the voters' positions, per peak."""
+    h, w = logit.shape
+    num = np.zeros((len(pix), 2))
+    den = np.zeros(len(pix))
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            qy, qx = pix[:, 0] + dy, pix[:, 1] + dx
+            ok = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
+            qy, qx = np.clip(qy, 0, h - 1), np.clip(qx, 0, w - 1)
+            d = disp[:, qy, qx]
+            votes = ok & (np.round(d[0]) == -dy) & (np.round(d[1]) == -dx)
+            wgt = np.where(votes, 1.0 / (1.0 + np.exp(-logit[qy, qx].astype(np.float64))), 0.0)
+            num += wgt[:, None] * (np.stack([qy, qx], 1) + d.T)
+            den += wgt
+    out = fallback.copy()
+    has = den > 0
+    out[has] = num[has] / den[has, None]
+    return out
 
 
 def _break_ties(pix: np.ndarray, pooled: np.ndarray) -> np.ndarray:
@@ -383,6 +439,7 @@ def detect(
     scale: float | None = None,
     tile_size: int = DEFAULT_TILE,
     progress: Callable[[int, int], None] | None = None,
+    name: str = "image",
 ) -> Spots:
     """Find the spots of a 2D image.
 
@@ -396,6 +453,7 @@ def detect(
         2-3 px: use < 1); coordinates are returned in the input's frame.
         None for the model's own (usually 1).
     tile_size : core size of the tiles; memory is bounded by it.
+    name : how log messages name the image (a file name, say).
 
     Tiles are decoded one at a time and a spot is kept only if its peak
     pixel lies in its tile's core, so memory stays bounded by the tile and
@@ -411,9 +469,10 @@ def detect(
         raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
     if not (0.01 <= scale <= 100):
         raise ValueError(f"scale must be between 0.01 and 100, got {scale}")
-    norm = estimate_normalization(image, loaded.compression)
+    norm = estimate_normalization(image, loaded.compression, loaded.contrast_ratio)
     if norm.n_nonfinite:
-        logger.warning("%d non-finite pixels are ignored", norm.n_nonfinite)
+        logger.warning("%s: %d non-finite (NaN or infinite) pixels are ignored", name,
+                       norm.n_nonfinite)
     work = _rescale(image, scale)
     all_coords, all_scores = [], []
     for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, loaded.net, norm, tile_size, progress):

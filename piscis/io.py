@@ -244,7 +244,10 @@ def _read_tiff(path: Path):
 
 
 def to_plane(
-    data: np.ndarray, axes: str, channel: int | None = None, name: str = "image",
+    data: np.ndarray,
+    axes: str,
+    channel: int | None = None,
+    name: str = "image",
     explicit: bool = False,
 ) -> ImageData:
     """Reduce an array with an axes string to a 2D (Y, X) plane."""
@@ -323,6 +326,99 @@ def to_plane(
     return ImageData(Path(name) if name else None, np.ascontiguousarray(data), "YX", notes)
 
 
+MAX_GUESSED_CHANNELS = 8  # longest axis taken as channels when the file does not say
+
+
+def read_channels(path, channels, axes: str | None = None) -> list[ImageData]:
+    """Read a multi-channel file once and return one 2D plane per requested channel.
+
+    Parameters
+    ----------
+    path : str or Path
+        TIFF or PNG file, as for :func:`read_image`.
+    channels : sequence of int or None
+        0-based channel indices, e.g. ``[spot_channel, nuclear_channel]``. ``None`` takes
+        the image as :func:`read_image` does without ``channel`` (equal channels are grey,
+        different ones are refused). The same index twice is reduced once.
+    axes : str, optional
+        Axes of the file (``"CYX"``, ``"YXC"``, ``"ZCYX"``...), overriding its metadata.
+
+    Returns
+    -------
+    planes : list of ImageData
+        One per entry of ``channels``, in that order; each (Y, X), a Z axis max-projected
+        (warned once per file).
+
+    Raises
+    ------
+    InputError
+        Naming the file: unreadable, a channel out of range, no channel axis, ...
+
+    Notes
+    -----
+    The channel axis comes from ``axes``, else from the file's metadata (ImageJ, OME,
+    tifffile's own; RGB samples count as channels). A 3D file whose metadata does not
+    name its axes (tifffile reports ``QYX``) is read as CYX when its first axis is the
+    shortest and at most :data:`MAX_GUESSED_CHANNELS` long, or as YXC when its last one
+    is; an info message says so. Otherwise pass ``axes``.
+    """
+    path = Path(path)
+    data, meta_axes = _read_array(path)
+    explicit = axes is not None
+    use = axes if explicit else meta_axes
+    if not explicit and any(c is not None for c in channels):
+        use = _guess_channel_axes(data.shape, use, str(path))
+    planes: dict = {}
+    quiet = _DropWarnings()
+    try:
+        for c in channels:
+            if c not in planes:
+                planes[c] = to_plane(data, use, channel=c, name=str(path), explicit=explicit)
+                logger.addFilter(quiet)  # the z-projection warning: once per file
+    finally:
+        logger.removeFilter(quiet)
+    return [planes[c] for c in channels]
+
+
+class _DropWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno != logging.WARNING
+
+
+def _read_array(path: Path) -> tuple[np.ndarray, str]:
+    """The whole array of a TIFF or PNG file and the axes its metadata gives."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)")
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return _read_png(path)
+    if suffix in {".tif", ".tiff", ".btf", ".tf8"}:
+        return _read_tiff(path)
+    raise InputError(f"{path}: unsupported file type {path.suffix!r}; expected TIFF or PNG")
+
+
+def _guess_channel_axes(shape, axes: str, name: str) -> str:
+    """CYX or YXC for a 3D array whose metadata names no axis but Y and X."""
+    axes = (axes or "").upper()
+    known = len(axes) == len(shape) and any(a not in "QIYX" for a in axes)
+    if len(shape) != 3 or known:
+        return axes
+    guess = None
+    if shape[0] <= MAX_GUESSED_CHANNELS and shape[0] < min(shape[1:]):
+        guess = "CYX"
+    elif shape[2] <= MAX_GUESSED_CHANNELS and shape[2] < min(shape[:2]):
+        guess = "YXC"
+    if guess is None:
+        return axes
+    msg = "%s: the file does not name its axes; shape %s read as %s (see --axes)"
+    logger.info(msg, name, tuple(shape), guess)
+    return guess
+
+
 def _is_alpha(plane: np.ndarray) -> bool:
     return plane.min() == plane.max()
 
@@ -357,6 +453,11 @@ class LoadedModel:
     @property
     def compression(self) -> float:
         return float(self.config.get("normalization", {}).get("compression", 3.0))
+
+    @property
+    def contrast_ratio(self) -> float:
+        # Models from before the contrast unit have none (0: the noise alone).
+        return float(self.config.get("normalization", {}).get("contrast_ratio", 0.0))
 
     @property
     def name(self) -> str:

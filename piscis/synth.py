@@ -38,6 +38,7 @@ class SynthConfig:
     eight_bit_fraction: float = 0.35
     correlated_noise_fraction: float = 0.35
     stripe_fraction: float = 0.15
+    dim_fraction: float = 0.4  # share with a population of dim, unannotated spots
     min_separation: float = 1.5  # px between spot centres
     extra: dict = field(default_factory=dict)
 
@@ -132,6 +133,21 @@ def generate(
     image : 2D array, uint8 or uint16 (as a camera would give).
     coords : (N, 2) float (y, x) of the spots, 0-based pixel centres.
     """
+    image, spots = generate_spots(rng, config)
+    return image, spots["coords"]
+
+
+def generate_spots(
+    rng: np.random.Generator, config: SynthConfig | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Like :func:`generate`, with every rendered spot's ``coords``,
+    ``sigma`` and ``amplitude`` (peak height in the image's grey levels).
+
+    Some images also hold a population of dim spots, 3-12 times fainter
+    than the others (unspecific probe binding, autofluorescent dots); they
+    are listed too, and the caller decides which spots an annotator would
+    call (:func:`piscis.data.sample_synthetic` keeps those that stand out).
+    """
     cfg = config or SynthConfig()
     shape = tuple(cfg.shape)
     h, w = shape
@@ -170,6 +186,13 @@ def generate(
     snrs = np.exp(np.clip(centre + rng.normal(0, 0.5, len(coords)), log_lo, log_hi))
     # Dim spots need width to be seen: keep the matched-filter SNR above ~8.
     snrs = np.maximum(snrs, 8.0 / (np.sqrt(np.pi) * sigmas))
+    if len(coords) and rng.random() < cfg.dim_fraction:
+        n_dim = rng.poisson(len(coords) * rng.uniform(0.3, 1.5))
+        dim = _positions(rng, shape, n_dim, cfg.min_separation, False)
+        coords = np.concatenate([coords, dim])
+        sigmas = np.concatenate([sigmas, np.clip(base_sigma * rng.uniform(0.8, 1.2, len(dim)),
+                                                 cfg.sigma[0], cfg.sigma[1])])
+        snrs = np.concatenate([snrs, np.exp(centre) / rng.uniform(3, 12, len(dim))])
     signal = render_spots(shape, coords, sigmas, snrs * noise_sd)
 
     # Things that are not spots.
@@ -224,7 +247,8 @@ def generate(
     # Keep quantisation below the noise: at least ~1.5 grey levels of noise.
     gain = max(gain, min(1.5 / noise_sd, top / max(peak, 1e-6)))
     image = np.clip(np.round(image * gain), 0, top)
-    return image.astype(np.uint8 if eight else np.uint16), coords
+    spots = {"coords": coords, "sigma": sigmas, "amplitude": snrs * noise_sd * gain}
+    return image.astype(np.uint8 if eight else np.uint16), spots
 
 
 def noise_image(

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .data import Pair, batch_targets, sample_real, sample_synthetic
-from .detect import COMPRESSION, Maps, predict_maps, spots_from_maps
+from .detect import BAND, COMPRESSION, CONTRAST_RATIO, Maps, predict_maps, spots_from_maps
 from .io import LoadedModel, load_model, save_model
 from .loss import total_loss
 from .metrics import mean_scores, score
@@ -207,7 +207,8 @@ def train(
         "name": out_dir.name,
         "piscis_version": __version__,
         "architecture": {"type": "SpotNet", "channels": list(net.channels), "in_channels": 1},
-        "normalization": {"method": "noise", "compression": COMPRESSION,
+        "normalization": {"method": "noise or contrast", "compression": COMPRESSION,
+                          "contrast_ratio": CONTRAST_RATIO, "band": list(BAND),
                           "statistics": "whole image"},
         "threshold": cfg.threshold,
         "scale": float(init_cfg.get("scale", 1.0)),

@@ -393,7 +393,9 @@ class Baseline:
         entry = tuned.get(self.tuned_from or self.key)
         if entry is None:
             return None
-        return {**entry["params"], **self.extra}
+        tuned_params = entry["params"]
+        ordered = {k: tuned_params[k] for k in self.defaults if k in tuned_params}
+        return {**ordered, **tuned_params, **self.extra}
 
 
 BASELINES: dict[str, Baseline] = {

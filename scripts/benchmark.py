@@ -60,10 +60,15 @@ NOISE_SEEDS = (0, 1, 2)
 NOISE_SHAPE = (512, 512)
 DASH = "–"
 
-# The wrapper runs a command and prints the child's exit status and peak RSS (kB).
+# The wrapper runs a command under an address-space cap (bytes; 0: none) and
+# prints the child's exit status and peak RSS (kB).
 _RSS_WRAPPER = (
     "import resource, subprocess, sys\n"
-    "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
+    "cap = int(sys.argv[1])\n"
+    "def limit():\n"
+    "    if cap > 0:\n"
+    "        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))\n"
+    "r = subprocess.run(sys.argv[2:], stdout=subprocess.DEVNULL, preexec_fn=limit)\n"
     "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
 )
 
@@ -215,13 +220,22 @@ class Method:
     copy_of: str | None = None
 
 
-def piscis_methods(iss_scale: float) -> list[Method]:
-    """Build the piscis rows, or none (with a warning) if its API is not importable."""
+def piscis_methods(iss_scale: float, model_name: str = "default") -> list[Method]:
+    """Build the piscis rows, or none (with a warning) if its API is not importable.
+
+    Parameters
+    ----------
+    iss_scale : float
+        If not 1, add a row with this ``scale`` on ISS (the other datasets'
+        figures copied from the plain row).
+    model_name : str
+        Shipped model name or model folder, for ``load_model``.
+    """
     try:
         from piscis.detect import detect
         from piscis.io import load_model
 
-        model = load_model("default")
+        model = load_model(model_name)
     except Exception as exc:  # noqa: BLE001 - any failure means: no piscis row
         logger.warning("skipping piscis: %s: %s", type(exc).__name__, exc)
         return []
@@ -231,11 +245,14 @@ def piscis_methods(iss_scale: float) -> list[Method]:
         return np.asarray(result.coords, dtype=float).reshape(-1, 2)
 
     cmd = [sys.executable, "-m", "piscis", "count", "{image}", "-o", "{out}"]
-    rows = [Method("piscis, default model", run, memory_cmd=cmd)]
+    if model_name != "default":
+        cmd += ["--model", str(model_name)]
+    name = "default model" if model_name == "default" else f"model {model_name}"
+    rows = [Method(f"piscis, {name}", run, memory_cmd=cmd)]
     if iss_scale != 1.0:
         rows.append(
             Method(
-                f"piscis, default model, ISS at scale {iss_scale:g}",
+                f"piscis, {name}, ISS at scale {iss_scale:g}",
                 run,
                 scales={"iss": iss_scale},
                 reuse=rows[0].label,
@@ -337,15 +354,32 @@ def pipeline_speed(method: Method, tif: Path, workdir: Path) -> float:
     return image.size / 1e6 / wall
 
 
-def peak_memory_mb(cmd: list[str], timeout: float) -> float | None:
-    """Peak RSS (MB) of ``cmd`` run in a fresh wrapper process; None on failure."""
+def peak_memory_mb(cmd: list[str], timeout: float, cap_mb: float = 0.0) -> float | str | None:
+    """Peak RSS (MB) of ``cmd`` run in a fresh wrapper process.
+
+    Parameters
+    ----------
+    cmd : list of str
+        The command.
+    timeout : float
+        Seconds before it is stopped.
+    cap_mb : float
+        Address-space limit (RLIMIT_AS) of the command in MB; 0 for none. A
+        run that fails under it is reported as ``"> cap"``.
+
+    Returns
+    -------
+    float, str or None
+        MB; ``"> N"`` when the run failed under the cap; None on other failures.
+    """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
+    cap = int(cap_mb * 2**20)
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", _RSS_WRAPPER, *cmd],
+            [sys.executable, "-c", _RSS_WRAPPER, str(cap), *cmd],
             capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
         )
     except subprocess.TimeoutExpired:
@@ -355,10 +389,16 @@ def peak_memory_mb(cmd: list[str], timeout: float) -> float | None:
         rc, kb = proc.stdout.split()[-2:]
     except ValueError:
         rc, kb = "?", "0"
-    if proc.returncode != 0 or rc != "0":
-        logger.warning("  memory run failed (exit %s): %s", rc, proc.stderr.strip()[-500:])
-        return None
-    return int(kb) / 1024.0
+    if proc.returncode == 0 and rc == "0":
+        return int(kb) / 1024.0
+    err = proc.stderr.strip()
+    if cap and ("MemoryError" in err or "bad_alloc" in err or "Failed to allocate" in err
+                or "Cannot allocate memory" in err or rc.startswith("-")):
+        logger.warning("  memory run failed under the %.0f MB cap (exit %s): %s",
+                       cap_mb, rc, err[-300:])
+        return f"> {cap_mb:.0f}"
+    logger.warning("  memory run failed (exit %s): %s", rc, err[-500:])
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -386,8 +426,12 @@ def format_row(label: str, res: dict) -> str:
         per_mpx = np.mean(counts) / mpx
         cells.append(f"{per_mpx:.0f} ({','.join(str(c) for c in counts)})")
     cells.append(f"{res['speed']:.2f}" if res.get("speed") else DASH)
-    cells.append(f"{res['memory']:.0f}" if res.get("memory") else DASH)
+    cells.append(_fmt_mb(res["memory"]) if res.get("memory") else DASH)
     return "| " + " | ".join(cells) + " |"
+
+
+def _fmt_mb(mb) -> str:
+    return mb if isinstance(mb, str) else f"{mb:.0f}"
 
 
 def make_table(results: list[tuple[str, dict]]) -> str:
@@ -414,12 +458,16 @@ def notes(args, tuned: dict) -> str:
         "detect, write a CSV, in-process after a warm-up; model loading not counted. "
         "Peak memory: peak RSS of a fresh process detecting spots in a 4096x4096 TIFF "
         "(tiled 4x4): `python -m piscis count` for piscis, `scripts/baselines.py run` "
-        "for the baselines.",
+        "for the baselines, under an address-space cap (`--memory-cap-mb`, "
+        f"{args.memory_cap_mb:.0f} MB): `> N` means the run failed under it; a dash, that it "
+        "was skipped as slower than `--memory-max-s`.",
         f"- *default*: as shipped; *dev-tuned*: the best integrated F1 of a 20-45 setting grid "
         f"on `{baselines.TUNING_DATASET}`, then fixed for every image "
         f"(`scripts/baselines_tuned.json`). blob_log, trackpy and the LoG reference see each "
         f"image rescaled to its 1st-99.8th percentile; Big-FISH gets the image in its own "
-        f"dtype; U-FISH uses the ONNX model shipped in its wheel.",
+        f"dtype, and its dev-tuned `threshold_factor` multiplies its automatic threshold "
+        f"on each image; U-FISH uses the ONNX model shipped in its wheel, on the whole image at "
+        f"once.",
     ])
 
 
@@ -461,11 +509,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="skip speed and memory")
     parser.add_argument("--iss-scale", type=float, default=1.0,
                         help="also a piscis row with this scale on ISS (default 1.0: no row)")
+    parser.add_argument("--model", default="default",
+                        help="piscis model: a shipped name or a model folder (default: default)")
     parser.add_argument("--retune", action="store_true",
                         help="redo the baselines' grid search on real/insta-smfish")
     parser.add_argument("--memory-max-s", type=float, default=90.0,
                         help="skip a peak-memory run expected to take longer "
                         "(4x the 2048x2048 time; default %(default)s s)")
+    parser.add_argument("--memory-cap-mb", type=float, default=8192.0,
+                        help="address-space cap of a peak-memory run, MB (0: none; "
+                        "default %(default)s)")
     parser.add_argument("--write", action="store_true", help=f"also write {RESULTS_MD.name}")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -494,9 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             logger.warning("cannot tune %s: %s absent", tune_keys, baselines.TUNING_DATASET)
 
-    methods = (piscis_methods(args.iss_scale) if want_piscis else []) + baseline_methods(
-        keys, tuned
-    )
+    methods = piscis_methods(args.iss_scale, args.model) if want_piscis else []
+    methods += baseline_methods(keys, tuned)
     if not methods:
         logger.error("no method to run")
         return 1
@@ -540,12 +592,13 @@ def main(argv: list[str] | None = None) -> int:
                     elif est > args.memory_max_s:
                         logger.info("  memory skipped: ~%.0f s expected (> --memory-max-s)", est)
                     else:
-                        out = tmp / "out"
-                        out.mkdir(exist_ok=True)
+                        out = Path(tempfile.mkdtemp(prefix="out-", dir=tmp))  # fresh, empty
                         cmd = [c.format(image=tif4k, out=out) for c in m.memory_cmd]
-                        res["memory"] = peak_memory_mb(cmd, timeout=max(60.0, 3 * est + 30))
+                        res["memory"] = peak_memory_mb(
+                            cmd, timeout=max(60.0, 3 * est + 30), cap_mb=args.memory_cap_mb
+                        )
                         if res["memory"]:
-                            logger.info("  memory %.0f MB", res["memory"])
+                            logger.info("  memory %s MB", _fmt_mb(res["memory"]))
             except Exception:  # noqa: BLE001 - report and go on with the other rows
                 logger.exception("  %s failed", m.label)
             results[m.label] = res

@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from piscis.io import table_text  # noqa: E402
-from piscis.synth import SynthConfig, generate, spot_image  # noqa: E402
+from piscis.data import visible_spots  # noqa: E402
+from piscis.detect import estimate_normalization  # noqa: E402
+from piscis.synth import SynthConfig, generate_spots, spot_image  # noqa: E402
+
+
+def _visible(generated):
+    image, spots = generated
+    return image, visible_spots(spots, estimate_normalization(image))
 
 
 def main() -> None:
@@ -26,8 +33,9 @@ def main() -> None:
         # 60 spots (sigma 1, amp 400) on background 100 with read noise sd 5.
         "synthetic_simple": spot_image(rng, (512, 512), n_spots=60),
         # The generator's realistic mix: cells, haze, specks, 16-bit.
-        "synthetic_cells": generate(rng, SynthConfig(shape=(512, 512), empty_fraction=0.0,
-                                                     cell_fraction=1.0, eight_bit_fraction=0.0)),
+        "synthetic_cells": _visible(generate_spots(
+            rng, SynthConfig(shape=(512, 512), empty_fraction=0.0, cell_fraction=1.0,
+                             eight_bit_fraction=0.0))),
         # A spot-free field: the right answer is 0.
         "synthetic_blank": (np.clip(rng.poisson(100, (512, 512)) + rng.normal(0, 5, (512, 512)),
                                     0, 65535).astype(np.uint16), np.zeros((0, 2))),

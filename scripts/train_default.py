@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from piscis import synth  # noqa: E402
-from piscis.data import Pair  # noqa: E402
+from piscis.data import Pair, visible_spots  # noqa: E402
 from piscis.io import read_image_2d, read_spots  # noqa: E402
 from piscis.train import TrainConfig, train  # noqa: E402
 
@@ -70,8 +70,11 @@ def synthetic_val(n: int = 8, seed: int = 12345) -> list[Pair]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        image, coords = synth.generate(rng, synth.SynthConfig(shape=(256, 256), empty_fraction=0.1))
-        out.append(Pair(f"synthetic-val-{i}", image, coords))
+        image, spots = synth.generate_spots(rng, synth.SynthConfig(shape=(256, 256),
+                                                                   empty_fraction=0.1))
+        pair = Pair(f"synthetic-val-{i}", image, spots["coords"])
+        pair.coords = visible_spots(spots, pair.norm)
+        out.append(pair)
     return out
 
 

@@ -52,8 +52,8 @@ def test_flat_and_clipped_images_do_not_blow_up_the_noise():
 def test_tiled_and_untiled_maps_and_spots_agree(random_model):
     rng = np.random.default_rng(3)
     img, _ = spot_image(rng, (520, 700), n_spots=150)
-    whole, _ = predict_maps(img, random_model.net, tile_size=2048)
-    tiled, _ = predict_maps(img, random_model.net, tile_size=128)
+    whole, _ = predict_maps(img, random_model, tile_size=2048)
+    tiled, _ = predict_maps(img, random_model, tile_size=128)
     assert np.abs(whole.logit - tiled.logit).max() < 1e-3
     thr = float(np.quantile(whole.prob, 0.999))
     a = detect(img, random_model, threshold=thr, tile_size=2048)
@@ -65,7 +65,7 @@ def test_tiled_and_untiled_maps_and_spots_agree(random_model):
 def test_decoding_cached_maps_equals_detect(random_model):
     rng = np.random.default_rng(4)
     img, _ = spot_image(rng, (256, 256), n_spots=30)
-    maps, _ = predict_maps(img, random_model.net)
+    maps, _ = predict_maps(img, random_model)
     lo, hi = (float(np.quantile(maps.prob, q)) for q in (0.99, 0.999))
     direct = detect(img, random_model, threshold=lo)
     cached = spots_from_maps(maps, img, lo)

@@ -1,0 +1,475 @@
+"""Tests of the ``piscis`` command: file handling, messages, exit codes and outputs.
+
+The model is the tiny random ``tiny_model`` of conftest.py, which finds no spots: real
+detection counts are tested elsewhere. Every input is generated here from a seeded
+generator.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from skimage import io as skio
+
+import piscis
+from piscis import cli
+
+SPOT_COLUMNS = ["y", "x", "score", "intensity", "background"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_piscis_logger():
+    """cli.main() installs its own handler on the 'piscis' logger; undo it after each test."""
+    log = logging.getLogger("piscis")
+    saved = (log.handlers[:], log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+
+
+def _image(seed: int, shape=(32, 40)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (100 + rng.normal(0, 5, shape)).clip(0, None).astype(np.uint16)
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _table(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """3 good images of known shapes, 2 broken TIFFs, and files that are not images."""
+    d = tmp_path / "in"
+    d.mkdir()
+    shapes = {"a": (32, 40), "b": (24, 33), "c": (40, 16)}
+    for i, (stem, shape) in enumerate(shapes.items()):
+        tifffile.imwrite(d / f"{stem}.tif", _image(i, shape))
+    (d / "x.tif").write_bytes(b"")
+    raw = (d / "a.tif").read_bytes()
+    (d / "y.tif").write_bytes(raw[: len(raw) // 2])
+    (d / "notes.txt").write_text("imaged on Tuesday\n")
+    (d / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    return d, shapes
+
+
+# --------------------------------------------------------------------------- count
+
+
+def test_count_folder_with_bad_files(tmp_path, mixed_folder, tiny_model, capsys):
+    d, shapes = mixed_folder
+    out = tmp_path / "out"
+    missing = tmp_path / "missing.tif"
+    rc, _, err = _run(capsys, "count", d, missing, "-o", out, "--model", tiny_model)
+    assert rc == 1
+
+    columns, rows = _table(out / "summary.csv")
+    assert columns == ["image", "n_spots", "height", "width", "threshold", "model"]
+    assert len(rows) == 3
+    by_stem = {Path(r["image"]).stem: r for r in rows}
+    assert set(by_stem) == set(shapes)
+    for stem, (h, w) in shapes.items():
+        r = by_stem[stem]
+        assert Path(r["image"]) == d / f"{stem}.tif"
+        assert (int(r["height"]), int(r["width"])) == (h, w)
+        assert int(r["n_spots"]) == 0
+        assert float(r["threshold"]) == 0.5  # the model's own
+        assert r["model"] == "tiny"
+
+    assert sorted(p.name for p in (out / "spots").iterdir()) == ["a.csv", "b.csv", "c.csv"]
+    for stem in shapes:
+        assert _table(out / "spots" / f"{stem}.csv")[0] == SPOT_COLUMNS
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files
+
+    error_lines = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert any("x.tif" in line and "0 bytes" in line for line in error_lines)
+    assert any("y.tif" in line and "not a readable TIFF" in line for line in error_lines)
+    assert any("missing.tif" in line and "no such file" in line for line in error_lines)
+    assert "3 input(s) failed" in err
+    assert not any("notes.txt" in line or ".DS_Store" in line for line in error_lines)
+    assert "notes.txt: not an image file, skipped" in err  # said, at INFO, not an error
+
+
+def test_count_blank_image(tmp_path, tiny_model, capsys):
+    img = tmp_path / "blank.tif"
+    tifffile.imwrite(img, np.zeros((32, 32), np.uint16))
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
+    assert rc == 0
+    spots = out / "spots" / "blank.csv"
+    assert spots.read_text() == ",".join(SPOT_COLUMNS) + "\n"
+    _, rows = _table(out / "summary.csv")
+    assert len(rows) == 1 and rows[0]["n_spots"] == "0"
+    assert f"WARNING: {img}: no spots detected" in err
+    assert "ERROR" not in err
+
+
+def test_count_again_needs_overwrite(tmp_path, mixed_folder, tiny_model, capsys):
+    d, _ = mixed_folder
+    good = [d / "a.tif", d / "b.tif"]
+    out = tmp_path / "out"
+    assert _run(capsys, "count", *good, "-o", out, "--model", tiny_model)[0] == 0
+    before = _snapshot(out)
+    assert set(before) == {"summary.csv", "spots/a.csv", "spots/b.csv"}
+
+    rc, _, err = _run(capsys, "count", *good, "-o", out, "--model", tiny_model)
+    assert rc == 2
+    assert "--overwrite" in err and "summary.csv" in err
+    assert _snapshot(out) == before  # same files, same bytes, same mtimes
+
+    # Only one of the spot tables would be replaced: still refused.
+    rc, _, _ = _run(capsys, "detect", d / "a.tif", "-o", out / "spots", "--model", tiny_model)
+    assert rc == 2
+    assert _snapshot(out) == before
+
+    rc, _, err = _run(capsys, "count", *good, "-o", out, "--model", tiny_model, "--overwrite")
+    assert rc == 0, err
+    _, rows = _table(out / "summary.csv")
+    assert [Path(r["image"]).name for r in rows] == ["a.tif", "b.tif"]
+    assert set(_snapshot(out)) == set(before)
+
+
+def test_count_threshold_is_recorded(tmp_path, tiny_model, capsys):
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, _image(3))
+    out = tmp_path / "out"
+    rc, _, _ = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--threshold", "0.3")
+    assert rc == 0
+    assert float(_table(out / "summary.csv")[1][0]["threshold"]) == pytest.approx(0.3)
+
+
+# --------------------------------------------------------------------------- detect
+
+
+def test_detect_writes_dir_stem_csv(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "one.tif", _image(4))
+    tifffile.imwrite(d / "two.ome.tiff", _image(5), metadata={"axes": "YX"})
+    tifffile.imwrite(d / "three.TIF", _image(6))
+    skio.imsave(d / "four.png", (_image(7) // 4).astype(np.uint8), check_contrast=False)
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "detect", d, "-o", out, "--model", tiny_model)
+    assert rc == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["four.csv", "one.csv", "three.csv", "two.csv"]
+    for name in names:
+        assert _table(out / name)[0] == SPOT_COLUMNS
+    assert not (out / "summary.csv").exists()
+
+
+def test_detect_same_stem_does_not_overwrite(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "a.tif", _image(8))
+    skio.imsave(d / "a.png", (_image(9) // 4).astype(np.uint8), check_contrast=False)
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "detect", d / "a.tif", d / "a.png", "-o", out, "--model", tiny_model)
+    assert rc == 0, err
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 2 and names[0] == "a.csv", names
+    assert repr(names[1].removesuffix(".csv")) in err  # the renamed output is announced
+    assert "also named 'a'" in err
+
+
+def test_count_same_stem_gets_two_rows(tmp_path, tiny_model, capsys):
+    d1, d2 = tmp_path / "d1", tmp_path / "d2"
+    d1.mkdir(), d2.mkdir()
+    tifffile.imwrite(d1 / "a.tif", _image(10))
+    tifffile.imwrite(d2 / "a.tif", _image(11, (20, 20)))
+    out = tmp_path / "out"
+    rc, _, _ = _run(capsys, "count", d1, d2, "-o", out, "--model", tiny_model)
+    assert rc == 0
+    assert len(list((out / "spots").iterdir())) == 2
+    assert len(_table(out / "summary.csv")[1]) == 2
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "1", "0", "-0.2"])
+def test_threshold_outside_0_1_is_refused(tmp_path, tiny_model, capsys, threshold):
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, _image(12))
+    out = tmp_path / "out"
+    rc, _, err = _run(
+        capsys, "detect", img, "-o", out, "--model", tiny_model, "--threshold", threshold
+    )
+    assert rc == 2
+    assert "--threshold" in err
+    assert not out.exists()
+
+
+def test_channel_on_grey_image_fails_for_that_file(tmp_path, tiny_model, capsys):
+    grey = tmp_path / "grey.tif"
+    tifffile.imwrite(grey, _image(13))
+    colour = tmp_path / "colour.tif"
+    planes = np.stack([_image(s) for s in (14, 15, 16, 17, 18, 19)])
+    tifffile.imwrite(colour, planes, metadata={"axes": "CYX"})
+    out = tmp_path / "out"
+    rc, _, err = _run(
+        capsys, "detect", grey, colour, "-o", out, "--model", tiny_model, "--channel", "5"
+    )
+    assert rc == 1
+    assert any(
+        "grey.tif" in line and "--channel 5" in line and "no channel axis" in line
+        for line in err.splitlines()
+    )
+    assert [p.name for p in out.iterdir()] == ["colour.csv"]  # the 6-channel image is fine
+
+
+def test_channel_picks_a_plane_of_a_colour_image(tmp_path, tiny_model, capsys):
+    rgb = np.stack([(_image(s) // 4).astype(np.uint8) for s in (20, 21, 22)], axis=-1)
+    img = tmp_path / "rgb.png"
+    skio.imsave(img, rgb, check_contrast=False)
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
+    assert rc == 1 and "--channel" in err
+    assert not (out / "spots" / "rgb.csv").exists()
+    out = tmp_path / "out2"
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--channel", "1")
+    assert rc == 0, err
+    assert (out / "spots" / "rgb.csv").exists()
+
+
+def test_z_stack_is_projected_with_one_warning(tmp_path, tiny_model, capsys):
+    img = tmp_path / "stack.tif"
+    z = np.stack([_image(s) for s in (23, 24, 25)])
+    tifffile.imwrite(img, z, imagej=True, metadata={"axes": "ZYX"})
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
+    assert rc == 0
+    assert err.count("3 z-planes max-projected") == 1
+    row = _table(out / "summary.csv")[1][0]
+    assert (row["height"], row["width"]) == ("32", "40")
+
+
+def test_axes_option(tmp_path, tiny_model, capsys):
+    img = tmp_path / "yxz.tif"
+    yxz = np.stack([_image(s, (24, 30)) for s in (26, 27, 28, 29, 30)], axis=-1)
+    tifffile.imwrite(img, yxz, metadata=None, photometric="minisblack")
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--axes", "YXZ")
+    assert rc == 0, err
+    row = _table(out / "summary.csv")[1][0]
+    assert (row["height"], row["width"]) == ("24", "30")
+    assert "5 z-planes" in err
+
+
+def test_an_error_inside_detection_does_not_stop_the_batch(
+    tmp_path, tiny_model, capsys, monkeypatch
+):
+    import piscis.detect
+
+    real = piscis.detect.detect
+
+    def flaky(image, **kwargs):
+        if image.shape == (20, 20):
+            raise RuntimeError("DefaultCPUAllocator: not enough memory")
+        return real(image, **kwargs)
+
+    monkeypatch.setattr(piscis.detect, "detect", flaky)
+    tifffile.imwrite(tmp_path / "big.tif", _image(31, (20, 20)))
+    tifffile.imwrite(tmp_path / "ok.tif", _image(32))
+    out = tmp_path / "out"
+    rc, _, err = _run(
+        capsys, "count", tmp_path / "big.tif", tmp_path / "ok.tif", "-o", out, "--model", tiny_model
+    )
+    assert rc == 1
+    assert "big.tif: DefaultCPUAllocator: not enough memory" in err
+    assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["ok.tif"]
+
+
+def test_glob_patterns(tmp_path, tiny_model, capsys):
+    for i in range(2):
+        tifffile.imwrite(tmp_path / f"g{i}.tif", _image(40 + i))
+    out = tmp_path / "out"
+    rc, _, err = _run(
+        capsys,
+        "count",
+        tmp_path / "g*.tif",
+        tmp_path / "nomatch*.tif",
+        "-o",
+        out,
+        "--model",
+        tiny_model,
+    )
+    assert rc == 1
+    assert "nomatch*.tif: no file matches this pattern" in err
+    assert len(_table(out / "summary.csv")[1]) == 2
+
+
+def test_missing_model_is_exit_2(tmp_path, capsys):
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, _image(33))
+    rc, _, err = _run(capsys, "detect", img, "-o", tmp_path / "o", "--model", tmp_path / "nomodel")
+    assert rc == 2
+    assert "nomodel" in err and "no such model" in err
+
+
+def test_outputs_are_not_private(tmp_path, tiny_model, capsys):
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, _image(34))
+    old = os.umask(0o022)
+    try:
+        assert _run(capsys, "count", img, "-o", tmp_path / "o", "--model", tiny_model)[0] == 0
+    finally:
+        os.umask(old)
+    for p in [tmp_path / "o" / "summary.csv", tmp_path / "o" / "spots" / "i.csv"]:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_no_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+    assert "usage: piscis" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- evaluate
+
+TRUTH = np.array([[10.0, 10.0], [10.0, 30.0], [30.0, 10.0], [30.0, 30.0]])
+
+
+def _write_spots(path: Path, coords) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("y,x,score\n" + "".join(f"{y},{x},0.9\n" for y, x in coords))
+    return path
+
+
+def _parse(out: str) -> tuple[list[str], dict[str, dict[str, float]]]:
+    lines = out.strip().splitlines()
+    header = lines[0].split()
+    rows = {}
+    for line in lines[1:]:
+        cells = line.split()
+        rows[cells[0]] = {k: float(v) for k, v in zip(header[1:], cells[1:])}
+    return header, rows
+
+
+def test_evaluate_files(tmp_path, capsys):
+    truth = _write_spots(tmp_path / "t" / "img.csv", TRUTH)
+    pred = _write_spots(tmp_path / "p" / "img.csv", TRUTH + [0.5, 0.0])
+    rc, out, _ = _run(capsys, "evaluate", pred, truth)
+    assert rc == 0
+    header, rows = _parse(out)
+    assert header[:6] == ["image", "n_pred", "n_true", "F1@1", "F1@2", "F1@3"]
+    r = rows["img"]
+    assert (r["n_pred"], r["n_true"]) == (4, 4)
+    assert r["F1@1"] == 1.0 and r["F1@3"] == 1.0
+    assert r["prec"] == 1.0 and r["recall"] == 1.0
+    assert r["loc_err"] == pytest.approx(0.5, abs=1e-3)
+    assert "mean" not in rows
+
+
+def test_evaluate_folders(tmp_path, capsys):
+    t, p = tmp_path / "t", tmp_path / "p"
+    _write_spots(t / "a.csv", TRUTH)
+    _write_spots(p / "a.csv", TRUTH + [0.5, 0.0])  # every spot 0.5 px off
+    _write_spots(t / "b.csv", TRUTH)
+    _write_spots(p / "b.csv", TRUTH + [0.0, 2.5])  # 2.5 px off: found at 3 px, not at 1 or 2
+    _write_spots(t / "c.csv", TRUTH)
+    _write_spots(p / "c.csv", np.vstack([TRUTH[:3], [[50.0, 50.0]]]))  # 3 of 4, 1 false
+    _write_spots(t / "d.csv", TRUTH)  # no prediction: warned, left out
+    rc, out, err = _run(capsys, "evaluate", p, t)
+    assert rc == 0
+    _, rows = _parse(out)
+    assert set(rows) == {"a", "b", "c", "mean"}
+    assert [rows[k]["F1@1"] for k in "abc"] == [1.0, 0.0, 0.75]
+    assert [rows[k]["F1@2"] for k in "abc"] == [1.0, 0.0, 0.75]
+    assert [rows[k]["F1@3"] for k in "abc"] == [1.0, 1.0, 0.75]
+    assert rows["c"]["prec"] == 0.75 and rows["c"]["recall"] == 0.75
+    assert rows["mean"]["F1@1"] == pytest.approx((1 + 0 + 0.75) / 3, abs=1e-3)
+    assert rows["mean"]["F1@3"] == pytest.approx((1 + 1 + 0.75) / 3, abs=1e-3)
+    assert "d.csv: no prediction" in err
+
+
+def test_evaluate_napari_truth_against_our_table(tmp_path, capsys):
+    truth = tmp_path / "truth.csv"
+    truth.write_text(
+        "index,axis-0,axis-1\n" + "".join(f"{i},{y},{x}\n" for i, (y, x) in enumerate(TRUTH))
+    )
+    pred = _write_spots(tmp_path / "pred.csv", TRUTH[::-1])  # order does not matter
+    rc, out, _ = _run(capsys, "evaluate", pred, truth)
+    assert rc == 0
+    assert _parse(out)[1]["truth"]["F1@1"] == 1.0
+
+
+def test_evaluate_file_against_folder_is_refused(tmp_path, capsys):
+    truth = _write_spots(tmp_path / "t" / "a.csv", TRUTH)
+    rc, _, err = _run(capsys, "evaluate", tmp_path / "t", truth)
+    assert rc == 2
+    assert "both" in err
+
+
+def test_evaluate_bad_csv_names_the_file(tmp_path, capsys):
+    truth = _write_spots(tmp_path / "t.csv", TRUTH)
+    pred = tmp_path / "p.csv"
+    pred.write_text("1,2\n3,4\n")
+    rc, _, err = _run(capsys, "evaluate", pred, truth)
+    assert rc == 2
+    assert "p.csv" in err and "header" in err
+
+
+def test_evaluate_no_pairs(tmp_path, capsys):
+    (tmp_path / "p").mkdir()
+    _write_spots(tmp_path / "t" / "a.csv", TRUTH)
+    rc, _, err = _run(capsys, "evaluate", tmp_path / "p", tmp_path / "t")
+    assert rc == 2
+    assert "no prediction/truth pairs" in err
+
+
+# --------------------------------------------------------------------------- version
+
+
+def test_version_in_process(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"piscis {piscis.__version__}"
+
+
+def test_python_m_piscis(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "piscis", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"piscis {piscis.__version__}"
+
+    pred = tmp_path / "nothere.csv"
+    r = subprocess.run(
+        [sys.executable, "-m", "piscis", "evaluate", str(pred), str(pred)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert r.returncode == 2
+    assert "ERROR:" in r.stderr and "nothere.csv" in r.stderr
+    assert "Traceback" not in r.stderr
