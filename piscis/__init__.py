@@ -2,22 +2,24 @@
 
 The core works on NumPy arrays and imports neither Qt nor napari::
 
-    from piscis import detect, read_image
-    spots = detect(image)            # the default model shipped in the package
-    spots.coords                     # (N, 2) float, (y, x)
+    import piscis
+    image = piscis.read_image("cell.tif").image
+    spots = piscis.detect_spots(image)   # the default model shipped in the package
+    spots.coords                         # (N, 2) float, (y, x)
+    spots, cells = piscis.count_spots(image, nuclear_image=dapi)  # per spot and per cell
 
-    from piscis import count_spots
-    spots, cells = count_spots(image, nuclear_image=dapi)   # per spot and per cell tables
+``detect_spots`` is :func:`piscis.detect.detect` (the module ``piscis.detect``
+keeps its name, so the function has another one here).
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "count_spots", "detect", "load_model", "read_image"]
+__all__ = ["__version__", "count_spots", "detect_spots", "load_model", "read_image"]
 
 
 def __getattr__(name):
     # Lazy: `import piscis` stays light; torch loads on first use.
-    if name == "detect":
+    if name == "detect_spots":
         from .detect import detect
 
         return detect

@@ -25,37 +25,29 @@ from .cells import check_labels, read_labels, segment_cells, segment_nuclei, spo
 logger = logging.getLogger(__name__)
 
 # Keywords of segment_nuclei / segment_cells reachable through count_spots(**kwargs).
-_NUCLEUS_PREFIX = "nucleus_"
-_CELL_PREFIX = "cell_"
+_PREFIXES = {
+    "nucleus_": (segment_nuclei, {"image", "diameter", "min_area"}),
+    "cell_": (segment_cells, {"nuclei", "cytoplasm", "expand"}),
+}
 
 
 def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
     """Map ``nucleus_<name>`` to segment_nuclei and ``cell_<name>`` to segment_cells."""
-    nuc_params = set(inspect.signature(segment_nuclei).parameters) - {
-        "image",
-        "diameter",
-        "min_area",
+    known = {
+        prefix: set(inspect.signature(func).parameters) - explicit
+        for prefix, (func, explicit) in _PREFIXES.items()
     }
-    cell_params = set(inspect.signature(segment_cells).parameters) - {
-        "nuclei",
-        "cytoplasm",
-        "expand",
-    }
-    nuc, cell = {}, {}
+    out: dict[str, dict] = {prefix: {} for prefix in _PREFIXES}
     for key, value in kwargs.items():
-        if key.startswith(_NUCLEUS_PREFIX) and key[len(_NUCLEUS_PREFIX) :] in nuc_params:
-            nuc[key[len(_NUCLEUS_PREFIX) :]] = value
-        elif key.startswith(_CELL_PREFIX) and key[len(_CELL_PREFIX) :] in cell_params:
-            cell[key[len(_CELL_PREFIX) :]] = value
-        else:
-            allowed = sorted(
-                [_NUCLEUS_PREFIX + k for k in nuc_params] + [_CELL_PREFIX + k for k in cell_params]
-            )
+        prefix = next((p for p in known if key.startswith(p) and key[len(p) :] in known[p]), None)
+        if prefix is None:
+            allowed = sorted(p + k for p, names in known.items() for k in names)
             raise TypeError(
                 f"count_spots() got an unexpected keyword argument {key!r} "
                 f"(segmentation keywords: {', '.join(allowed)})"
             )
-    return nuc, cell
+        out[prefix][key[len(prefix) :]] = value
+    return out["nucleus_"], out["cell_"]
 
 
 def _plane(array, shape, what: str, name: str) -> np.ndarray:

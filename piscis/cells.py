@@ -171,7 +171,7 @@ def _prepare(image, name="image") -> np.ndarray:
     image = image.astype(np.float64)
     finite = np.isfinite(image)
     if not finite.all():
-        logger.warning("%s: %d non-finite pixels set to the minimum", name, (~finite).sum())
+        logger.warning("%s: %d non-finite pixels set to the minimum", name, int((~finite).sum()))
         image[~finite] = image[finite].min() if finite.any() else 0.0
     return image
 
@@ -425,7 +425,7 @@ def assign_spots(coords, cells=None, nuclei=None) -> tuple[np.ndarray, np.ndarra
     if nuclei is not None:
         in_nucleus[valid] = nuclei[rows, cols] != 0
     if not valid.all():
-        logger.info("%d spots outside the image or non-finite: cell_id 0", (~valid).sum())
+        logger.info("%d spots outside the image or non-finite: cell_id 0", int((~valid).sum()))
     return cell_id, in_nucleus
 
 
@@ -530,7 +530,7 @@ def cell_table(
     ]  # fmt: skip
     if drop_border and border.any():
         msg = "%d cells touching the image border left out (drop_border): ids %s"
-        logger.info(msg, border.sum(), _ids(ids[border]))
+        logger.info(msg, int(border.sum()), _ids(ids[border]))
         rows = [r for r in rows if not r["touches_border"]]
     return rows
 

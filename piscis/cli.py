@@ -385,13 +385,13 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
     columns = SUMMARY_COLUMNS + (SUMMARY_CELL_COLUMNS if cells_mode else [])
     cell_columns = ["image", *CELL_COLUMNS]
     rows: list[dict] = []
-    all_cells: list[dict] = []
+    cells_text = [table_text(_columns([], cell_columns))]  # the header, then each image's rows
 
     def write_tables():  # rewritten after each image: an interrupted run keeps them
         if summary_path is not None:
             atomic_write_text(summary_path, table_text(_columns(rows, columns)))
         if cells_path is not None:
-            atomic_write_text(cells_path, table_text(_columns(all_cells, cell_columns)))
+            atomic_write_text(cells_path, "".join(cells_text))
 
     t0 = time.time()
     n_total = 0
@@ -427,7 +427,10 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         if cells_mode:
             row["n_cells"] = len(cell_rows)
             row["n_spots_in_cells"] = int(np.count_nonzero(np.asarray(table["cell_id"]) > 0))
-            all_cells.extend({"image": str(path), **r} for r in cell_rows)
+            text = table_text(
+                _columns([{"image": str(path), **r} for r in cell_rows], cell_columns)
+            )
+            cells_text.append(text.split("\n", 1)[1])  # without the header
         rows.append(row)
         write_tables()
         bar.update(1)
@@ -641,9 +644,11 @@ images by name: for image S.tif (S.ome.tif...) a mask in the folder named S or S
 S_masks, S_mask, S_labels, S_cp_masks, S.labels, S.mask or S-labels (case-insensitive),
 .tif/.tiff/.npy/.png, preferred in that order; with a pattern such as 'm/*_cells.tif' the
 '*' also stands for S. A single file is allowed when there is one image. An image whose
-mask is missing or of another shape fails (the others go on; exit code 1). Adds
-cell_id,in_nucleus to the spot tables, DIR/cells.csv (one row per cell) and
-n_cells,n_spots_in_cells to DIR/summary.csv."""
+mask is missing or of another shape fails (the others go on; exit code 1). A spot belongs
+to the cell at its rounded pixel (.5 rounds up). Channels of multi-channel files (CYX,
+YXC, ZCYX...) come from the ImageJ/OME metadata or --axes; --channel is the spot channel.
+Adds cell_id,in_nucleus to the spot tables, DIR/cells.csv (one row per cell, every
+labelled cell) and n_cells,n_spots_in_cells to DIR/summary.csv."""
 
 
 def _cell_options(p: argparse.ArgumentParser) -> None:

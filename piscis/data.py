@@ -89,7 +89,8 @@ def load_pairs(folder: str | Path, channel: int | None = None) -> list[Pair]:
             region = read_image_2d(mask_path) > 0
             if region.shape != image.shape:
                 raise ValueError(
-                    f"{mask_path}: region mask shape {region.shape} differs from image {image.shape}"
+                    f"{mask_path}: region mask shape {region.shape} differs from the "
+                    f"image's {image.shape}"
                 )
         pairs.append(Pair(stem, image, coords, region))
     if not pairs:
@@ -126,11 +127,23 @@ def _rotate_crop(
         [rng.uniform(lo[0] - 0.5, h - lo[0] - 0.5), rng.uniform(lo[1] - 0.5, w - lo[1] - 0.5)]
     )
     offset = centre - a @ np.array([half, half])
-    crop = ndi.affine_transform(image.astype(np.float32), a, offset=offset, output_shape=(size, size),
-                                order=1, mode="reflect")
-    inside = ndi.affine_transform(np.ones_like(image, np.float32) if region is None else
-                                  region.astype(np.float32), a, offset=offset,
-                                  output_shape=(size, size), order=0, mode="constant", cval=0.0)
+    crop = ndi.affine_transform(
+        image.astype(np.float32),
+        a,
+        offset=offset,
+        output_shape=(size, size),
+        order=1,
+        mode="reflect",
+    )
+    inside = ndi.affine_transform(
+        np.ones_like(image, np.float32) if region is None else region.astype(np.float32),
+        a,
+        offset=offset,
+        output_shape=(size, size),
+        order=0,
+        mode="constant",
+        cval=0.0,
+    )
     inv = np.linalg.inv(a)
     new = (coords - offset) @ inv.T if len(coords) else coords.reshape(0, 2)
     return crop, new, inside > 0.5
@@ -144,8 +157,9 @@ def sample_real(rng: np.random.Generator, pair: Pair, size: int, augment: bool =
         flip = bool(rng.random() < 0.5)
     else:
         angle, zoom, flip = 0.0, 1.0, False
-    crop, coords, region = _rotate_crop(rng, pair.image, pair.coords, pair.region, size, angle,
-                                        zoom, flip)
+    crop, coords, region = _rotate_crop(
+        rng, pair.image, pair.coords, pair.region, size, angle, zoom, flip
+    )
     x = pair.norm.apply(crop)
     if augment and rng.random() < 0.3:
         # Lower the SNR: extra Gaussian noise in units of the image's noise.
@@ -158,7 +172,7 @@ def sample_real(rng: np.random.Generator, pair: Pair, size: int, augment: bool =
 
 # A synthetic spot is annotated when its matched-filter signal, in units of
 # the normalisation, reaches this: amplitude * sqrt(pi) * sigma / unit.
-MIN_MATCHED_SNR = 6.0
+MIN_MATCHED_SNR = 5.0
 
 
 def visible_spots(spots: dict[str, np.ndarray], norm: Normalization) -> np.ndarray:
@@ -196,7 +210,9 @@ def batch_targets(items) -> dict[str, np.ndarray]:
         votes.append(t["vote"])
         ns.append(t["n_true"])
         if any_region:
-            regions.append(np.ones(shape, np.float32) if region is None else region.astype(np.float32))
+            regions.append(
+                np.ones(shape, np.float32) if region is None else region.astype(np.float32)
+            )
     out = {
         "x": np.stack(xs)[:, None].astype(np.float32),
         "label": np.stack(labels),

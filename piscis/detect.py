@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
-from .loss import vote_pool
 from .model import SpotNet, receptive_margin
 
 logger = logging.getLogger(__name__)
@@ -25,7 +24,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_TILE = 1024
 SAMPLE_PIXELS = 4_000_000  # pixels used for the normalisation statistics
 COMPRESSION = 3.0  # asinh(z / COMPRESSION): linear for noise, logarithmic for bright spots
-CONTRAST_RATIO = 4.0  # the unit is at least 1/CONTRAST_RATIO of the image's spot-scale contrast
+CONTRAST_RATIO = 3.0  # the unit is at least 1/CONTRAST_RATIO of the image's spot-scale contrast
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -174,7 +173,9 @@ def _rescale(image: np.ndarray, scale: float) -> np.ndarray:
         return image
     t = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     size = [max(1, round(n * scale)) for n in image.shape]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=scale < 1.0)[
+        0, 0
+    ].numpy()
 
 
 def iter_tile_maps(
@@ -202,7 +203,9 @@ def iter_tile_maps(
     pad_r = _round_up(w, core_x) - w + margin
     norm_img = norm.apply(image)
     mode = "reflect" if min(h, w) > 1 else "edge"
-    padded = np.pad(norm_img, ((margin, pad_b), (margin, pad_r)), mode=_pad_mode(norm_img, margin, mode))
+    padded = np.pad(
+        norm_img, ((margin, pad_b), (margin, pad_r)), mode=_pad_mode(norm_img, margin, mode)
+    )
     total = len(ys) * len(xs)
     done = 0
     for y0 in ys:
@@ -274,21 +277,38 @@ def decode(
     q + d(q) of every pixel q voting for p, weighted by s(q). Pooling runs
     on logits, so saturated probabilities do not tie.
     """
-    lg = torch.from_numpy(np.ascontiguousarray(logit, dtype=np.float32))[None]
-    dp = torch.from_numpy(np.ascontiguousarray(disp, dtype=np.float32))[None]
-    pooled = vote_pool(lg, dp, fill=-math.inf)[0]
+    logit = np.asarray(logit, dtype=np.float32)
+    disp = np.asarray(disp, dtype=np.float32)
+    pooled = vote_pool_np(logit, disp)
     t = _logit(threshold)
-    local_max = F.max_pool2d(pooled[None], 3, stride=1, padding=1)[0]
-    peaks = (pooled >= local_max) & (pooled >= t) & torch.isfinite(pooled)
-    pix = torch.nonzero(peaks).numpy()
+    local_max = ndi.maximum_filter(pooled, size=3, mode="constant", cval=-np.inf)
+    peaks = (pooled >= local_max) & (pooled >= t) & np.isfinite(pooled)
+    pix = np.argwhere(peaks)
     if len(pix) > 1:
-        pix = _break_ties(pix, pooled.numpy())
+        pix = _break_ties(pix, pooled)
     d = disp[:, pix[:, 0], pix[:, 1]].T if len(pix) else np.zeros((0, 2), np.float32)
     coords = pix.astype(np.float64) + d
     if refine and len(pix):
         coords = _vote_mean(pix, logit, disp, coords)
-    scores = 1.0 / (1.0 + np.exp(-pooled.numpy()[pix[:, 0], pix[:, 1]].astype(np.float64)))
+    scores = 1.0 / (1.0 + np.exp(-pooled[pix[:, 0], pix[:, 1]].astype(np.float64)))
     return coords.reshape(-1, 2), scores, pix.reshape(-1, 2)
+
+
+def vote_pool_np(value: np.ndarray, disp: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`piscis.loss.vote_pool` for inference (fill -inf).
+
+    Each pixel q sends ``value(q)`` to p = q + round(d(q)) when p is in its
+    3x3 neighbourhood; p keeps the largest value it receives.
+    """
+    h, w = value.shape
+    off = np.rint(disp).astype(np.int64)
+    qy, qx = np.mgrid[:h, :w]
+    py, px = qy + off[0], qx + off[1]
+    ok = (np.abs(off[0]) <= 1) & (np.abs(off[1]) <= 1) & (py >= 0) & (py < h) & (px >= 0)
+    ok &= px < w
+    pooled = np.full(h * w, -np.inf, dtype=np.float32)
+    np.maximum.at(pooled, (py[ok] * w + px[ok]), value[ok])
+    return pooled.reshape(h, w)
 
 
 def _vote_mean(pix, logit, disp, fallback) -> np.ndarray:
@@ -333,7 +353,10 @@ def _break_ties(pix: np.ndarray, pooled: np.ndarray) -> np.ndarray:
 
 
 def spot_intensities(
-    image: np.ndarray, coords: np.ndarray, radius: float = 2.0, annulus: tuple[float, float] = (3.0, 5.0)
+    image: np.ndarray,
+    coords: np.ndarray,
+    radius: float = 2.0,
+    annulus: tuple[float, float] = (3.0, 5.0),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Integrated, background-subtracted intensity of each spot.
 
@@ -360,7 +383,7 @@ def spot_intensities(
         inside = (py >= 0) & (py < h) & (px >= 0) & (px < w)
         dist = np.hypot(py - y, px - x)
         vals = np.full(py.shape, np.nan)
-        vals[inside] = image[py[inside], px[inside]]
+        vals[inside] = image[py[inside], px[inside]].astype(np.float64)
         ring = vals[(dist >= annulus[0]) & (dist < annulus[1]) & np.isfinite(vals)]
         disk = vals[(dist <= radius) & np.isfinite(vals)]
         if ring.size == 0 or disk.size == 0:
@@ -404,9 +427,7 @@ class Spots:
         return cols
 
 
-def spots_from_maps(
-    maps: Maps, image: np.ndarray, threshold: float, radius: float = 2.0
-) -> Spots:
+def spots_from_maps(maps: Maps, image: np.ndarray, threshold: float, radius: float = 2.0) -> Spots:
     """Decode cached maps at ``threshold`` and measure the spots on ``image``."""
     coords, scores, _ = decode(maps.logit, maps.disp, threshold)
     coords, scores = _to_image_frame(coords, scores, maps.scale, image.shape)
@@ -427,8 +448,7 @@ def _finish(image, coords, scores, radius) -> Spots:
     coords, scores = coords[ok], scores[ok]
     order = np.lexsort((coords[:, 1], coords[:, 0])) if len(coords) else np.zeros(0, int)
     coords, scores = coords[order], scores[order]
-    inten, bg = spot_intensities(np.asarray(image, dtype=np.float64), coords, radius,
-                                 (radius + 1.0, radius + 3.0))
+    inten, bg = spot_intensities(np.asarray(image), coords, radius, (radius + 1.0, radius + 3.0))
     return Spots(coords, scores, inten, bg)
 
 
@@ -471,11 +491,14 @@ def detect(
         raise ValueError(f"scale must be between 0.01 and 100, got {scale}")
     norm = estimate_normalization(image, loaded.compression, loaded.contrast_ratio)
     if norm.n_nonfinite:
-        logger.warning("%s: %d non-finite (NaN or infinite) pixels are ignored", name,
-                       norm.n_nonfinite)
+        logger.warning(
+            "%s: %d non-finite (NaN or infinite) pixels are ignored", name, norm.n_nonfinite
+        )
     work = _rescale(image, scale)
     all_coords, all_scores = [], []
-    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, loaded.net, norm, tile_size, progress):
+    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(
+        work, loaded.net, norm, tile_size, progress
+    ):
         # Decode a window 2 px larger than the core (voting and NMS look 2 px out).
         win = out[:, py - 2 : py + ch + 2, px - 2 : px + cw + 2]
         coords, scores, pix = decode(win[0], win[1:], threshold)

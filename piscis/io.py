@@ -273,7 +273,16 @@ def to_plane(
     if len(keep) != data.ndim:
         data = data.reshape([data.shape[i] for i in keep])
         axes = "".join(axes[i] for i in keep)
-    # Unknown axes (Q, I) of a 3D stack: a plain multi-page TIFF is a Z stack.
+    # Unknown axes (Q, I): with --channel and no channel axis, the first short
+    # one (at most 8) is the channel axis; otherwise a plain multi-page TIFF is
+    # a Z stack.
+    if channel is not None and "C" not in axes:
+        for i, a in enumerate(axes):
+            if a in "QI" and data.shape[i] <= 8:
+                axes = axes[:i] + "C" + axes[i + 1 :]
+                logger.info("%s: axis %d of size %d read as channels (--channel given)",
+                            name, i, data.shape[i])
+                break
     axes = "".join("Z" if a in "QI" else a for a in axes)
     if "Y" not in axes or "X" not in axes or len(set(axes)) != len(axes):
         raise InputError(

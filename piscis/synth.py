@@ -184,14 +184,18 @@ def generate_spots(
     log_lo, log_hi = np.log(cfg.snr[0]), np.log(cfg.snr[1])
     centre = rng.uniform(log_lo, log_hi)
     snrs = np.exp(np.clip(centre + rng.normal(0, 0.5, len(coords)), log_lo, log_hi))
-    # Dim spots need width to be seen: keep the matched-filter SNR above ~8.
-    snrs = np.maximum(snrs, 8.0 / (np.sqrt(np.pi) * sigmas))
+    # Dim spots need width to be seen: keep the matched-filter SNR above 5.5.
+    snrs = np.maximum(snrs, 5.5 / (np.sqrt(np.pi) * sigmas))
     if len(coords) and rng.random() < cfg.dim_fraction:
         n_dim = rng.poisson(len(coords) * rng.uniform(0.3, 1.5))
         dim = _positions(rng, shape, n_dim, cfg.min_separation, False)
         coords = np.concatenate([coords, dim])
-        sigmas = np.concatenate([sigmas, np.clip(base_sigma * rng.uniform(0.8, 1.2, len(dim)),
-                                                 cfg.sigma[0], cfg.sigma[1])])
+        sigmas = np.concatenate(
+            [
+                sigmas,
+                np.clip(base_sigma * rng.uniform(0.8, 1.2, len(dim)), cfg.sigma[0], cfg.sigma[1]),
+            ]
+        )
         snrs = np.concatenate([snrs, np.exp(centre) / rng.uniform(3, 12, len(dim))])
     signal = render_spots(shape, coords, sigmas, snrs * noise_sd)
 
@@ -210,7 +214,9 @@ def generate_spots(
             t = np.linspace(-length / 2, length / 2, int(length * 2))
             pts = c + np.stack([np.sin(ang) * t, np.cos(ang) * t], 1)
             signal += render_spots(
-                shape, pts, np.full(len(pts), rng.uniform(0.8, 1.6)),
+                shape,
+                pts,
+                np.full(len(pts), rng.uniform(0.8, 1.6)),
                 np.full(len(pts), rng.uniform(2, 15) * noise_sd / 3),
             )
 
@@ -286,7 +292,9 @@ def spot_image(
             pts.append(p)
         coords = np.asarray(pts).reshape(-1, 2)
     coords = np.asarray(coords, dtype=float).reshape(-1, 2)
-    img = background + render_spots(shape, coords, np.full(len(coords), sigma), np.full(len(coords), amp))
+    img = background + render_spots(
+        shape, coords, np.full(len(coords), sigma), np.full(len(coords), amp)
+    )
     img = img + rng.normal(0, noise_sd, shape)
     if np.issubdtype(np.dtype(dtype), np.integer):
         info = np.iinfo(dtype)

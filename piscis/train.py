@@ -119,7 +119,10 @@ def choose_threshold(model: LoadedModel, pairs: list[Pair]) -> tuple[float, dict
             pred = spots_from_maps(maps, pair.image, float(t)).coords
             true = pair.coords
             if pair.region is not None:
-                pred, true = pred[_in_region(pred, pair.region)], true[_in_region(true, pair.region)]
+                pred, true = (
+                    pred[_in_region(pred, pair.region)],
+                    true[_in_region(true, pair.region)],
+                )
             sc.append(score(pred, true))
         m = mean_scores(sc)
         if m["f1_int"] > best[0] + 1e-9:
@@ -207,15 +210,22 @@ def train(
         "name": out_dir.name,
         "piscis_version": __version__,
         "architecture": {"type": "SpotNet", "channels": list(net.channels), "in_channels": 1},
-        "normalization": {"method": "noise or contrast", "compression": COMPRESSION,
-                          "contrast_ratio": CONTRAST_RATIO, "band": list(BAND),
-                          "statistics": "whole image"},
+        "normalization": {
+            "method": "noise or contrast",
+            "compression": COMPRESSION,
+            "contrast_ratio": CONTRAST_RATIO,
+            "band": list(BAND),
+            "statistics": "whole image",
+        },
         "threshold": cfg.threshold,
         "scale": float(init_cfg.get("scale", 1.0)),
-        "training": {"config": {k: (list(v) if isinstance(v, tuple) else v)
-                                for k, v in asdict(cfg).items()},
-                     "pairs": [p.name for p in pairs], "validation": [p.name for p in val_pairs],
-                     "init": str(init) if init else None, "description": description},
+        "training": {
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "pairs": [p.name for p in pairs],
+            "validation": [p.name for p in val_pairs],
+            "init": str(init) if init else None,
+            "description": description,
+        },
     }
 
     stopped = False
@@ -223,7 +233,9 @@ def train(
     for epoch in range(start_epoch, cfg.epochs):
         cfg.extra["epoch_offset"] = epoch
         loader = torch.utils.data.DataLoader(
-            _Batches(pairs, cfg, pair_weights if val_given else None), batch_size=None, num_workers=cfg.workers,
+            _Batches(pairs, cfg, pair_weights if val_given else None),
+            batch_size=None,
+            num_workers=cfg.workers,
             persistent_workers=False,
         )
         it = iter(loader)
@@ -249,9 +261,12 @@ def train(
                 progress({"step": step, "total": total_steps, "epoch": epoch, "loss": losses[-1]})
         del it, loader
         net.eval()
-        record = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                  "smooth_f1": float(np.mean(sf1s)) if sf1s else float("nan"),
-                  "seconds": time.time() - t0}
+        record = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "smooth_f1": float(np.mean(sf1s)) if sf1s else float("nan"),
+            "seconds": time.time() - t0,
+        }
         if val_pairs and (losses or stopped):
             val = evaluate_pairs(_inference_copy(net, model_config), val_pairs, cfg.threshold)
             record["val"] = val
@@ -266,9 +281,16 @@ def train(
             # A usable model folder of the best epoch so far, for long runs.
             snap = dict(model_config, training=dict(model_config["training"], history=history))
             save_model(net, snap, ckpt_dir / "best_model", model_card(snap), overwrite=True)
-        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
-                    "history": json.dumps(history), "best": json.dumps(best)},
-                   ckpt_dir / "last.pt")
+        torch.save(
+            {
+                "net": net.state_dict(),
+                "opt": opt.state_dict(),
+                "epoch": epoch,
+                "history": json.dumps(history),
+                "best": json.dumps(best),
+            },
+            ckpt_dir / "last.pt",
+        )
         if progress is not None:
             progress({"epoch_done": epoch, "record": record, "total_epochs": cfg.epochs})
         if stopped:
@@ -285,8 +307,11 @@ def train(
         model_config["threshold"] = thr
         model_config["training"]["threshold_tuned_on"] = "validation pairs"
         logger.info("threshold %.2f chosen on the validation pairs", thr)
-    final = evaluate_pairs(_inference_copy(net, model_config), val_pairs,
-                           model_config["threshold"]) if val_pairs else {}
+    final = (
+        evaluate_pairs(_inference_copy(net, model_config), val_pairs, model_config["threshold"])
+        if val_pairs
+        else {}
+    )
     model_config["metrics"] = {"validation": final}
     card = model_card(model_config)
     return save_model(net, model_config, out_dir, card, overwrite=overwrite)
@@ -305,7 +330,8 @@ def model_card(config: dict) -> str:
         "## Training data",
         "",
         tr.get("description") or "",
-        f"- pairs: {len(tr['pairs'])} ({', '.join(tr['pairs'][:20])}{' ...' if len(tr['pairs']) > 20 else ''})",
+        f"- pairs: {len(tr['pairs'])} ({', '.join(tr['pairs'][:20])}"
+        + (" ...)" if len(tr["pairs"]) > 20 else ")"),
         f"- validation pairs: {', '.join(tr['validation']) or 'none'}",
         f"- synthetic share of each batch: {tr['config']['synthetic_fraction']}",
         f"- started from: {tr['init'] or 'random initialisation'}",

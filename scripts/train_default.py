@@ -54,11 +54,16 @@ def real_pairs(data: Path) -> tuple[list[Pair], list[Pair], list[float]]:
             weights.append(w)
     semi = sorted((data / "semisynthetic" / "insta" / "images").glob("cells_*.png"))
     val = []
-    for i, path in enumerate(semi):
-        p = Pair(path.stem, read_image_2d(path, channel=0),
-                 read_spots(path.parent.parent / "spots" / (path.stem + ".csv")))
+    for path in semi:
+        p = Pair(
+            path.stem,
+            read_image_2d(path, channel=0),
+            read_spots(path.parent.parent / "spots" / (path.stem + ".csv")),
+        )
         # Hold out one SNR-5 and one SNR-10 image for validation.
-        if path.stem.endswith(("nspots100_spot_sig1.75_snr5_2.5", "nspots50_spot_sig1.75_snr10_2.5")):
+        if path.stem.endswith(
+            ("nspots100_spot_sig1.75_snr5_2.5", "nspots50_spot_sig1.75_snr10_2.5")
+        ):
             val.append(p)
         else:
             pairs.append(p)
@@ -70,8 +75,9 @@ def synthetic_val(n: int = 8, seed: int = 12345) -> list[Pair]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        image, spots = synth.generate_spots(rng, synth.SynthConfig(shape=(256, 256),
-                                                                   empty_fraction=0.1))
+        image, spots = synth.generate_spots(
+            rng, synth.SynthConfig(shape=(256, 256), empty_fraction=0.1)
+        )
         pair = Pair(f"synthetic-val-{i}", image, spots["coords"])
         pair.coords = visible_spots(spots, pair.norm)
         out.append(pair)
@@ -87,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--crop", type=int, default=96)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", default=None, help="model folder to continue from")
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
@@ -99,9 +107,16 @@ def main(argv=None) -> int:
     data = Path(args.data)
     pairs, val, weights = real_pairs(data) if data.is_dir() else ([], [], [])
     val += synthetic_val()
-    cfg = TrainConfig(epochs=args.epochs, steps_per_epoch=args.steps, batch_size=args.batch,
-                      crop=args.crop, seed=args.seed, synthetic_fraction=0.5,
-                      extra={"pair_weights": weights})
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        steps_per_epoch=args.steps,
+        batch_size=args.batch,
+        crop=args.crop,
+        seed=args.seed,
+        synthetic_fraction=0.5,
+        lr=args.lr,
+        extra={"pair_weights": weights},
+    )
     out = Path(args.output)
     ckpt = out.with_name(out.name + ".ckpt")
     bar = tqdm(total=cfg.epochs * cfg.steps_per_epoch, desc="training", unit="step")
@@ -115,8 +130,10 @@ def main(argv=None) -> int:
         elif "epoch_done" in info:
             rec = info["record"]
             val_f1 = rec.get("val", {}).get("f1_int", float("nan"))
-            tqdm.write(f"epoch {rec['epoch']}: loss {rec['loss']:.3f} smoothF1 "
-                       f"{rec['smooth_f1']:.3f} val f1_int {val_f1:.3f} ({time.time() - t0:.0f}s)")
+            tqdm.write(
+                f"epoch {rec['epoch']}: loss {rec['loss']:.3f} smoothF1 "
+                f"{rec['smooth_f1']:.3f} val f1_int {val_f1:.3f} ({time.time() - t0:.0f}s)"
+            )
 
     description = (
         "Synthetic images from piscis.synth (half of every batch), and the training parts "
@@ -124,9 +141,20 @@ def main(argv=None) -> int:
         "the 12 semisynthetic/insta cells_* images (2 held out for validation, with 8 "
         "synthetic images). Never real/insta-smfish, the right halves, nor the tissue_* images."
     )
-    train(pairs, out, cfg, val_pairs=val, checkpoint_dir=ckpt, resume=args.resume,
-          overwrite=args.overwrite, progress=progress, description=description,
-          tune_threshold=True, pair_weights=weights)
+    train(
+        pairs,
+        out,
+        cfg,
+        val_pairs=val,
+        checkpoint_dir=ckpt,
+        resume=args.resume,
+        init=args.init,
+        overwrite=args.overwrite,
+        progress=progress,
+        description=description,
+        tune_threshold=True,
+        pair_weights=weights,
+    )
     bar.close()
     shutil.rmtree(ckpt, ignore_errors=True)
     print(f"wrote {out}")

@@ -97,8 +97,9 @@ def test_intensity_is_background_subtracted_disk_sum():
     from piscis.detect import spot_intensities
     from piscis.synth import render_spots
 
-    img = 100.0 + render_spots((41, 41), np.array([[20.0, 20.0]]), np.array([1.0]),
-                               np.array([500.0]))
+    img = 100.0 + render_spots(
+        (41, 41), np.array([[20.0, 20.0]]), np.array([1.0]), np.array([500.0])
+    )
     inten, bg = spot_intensities(img, np.array([[20.0, 20.0]]), radius=2.0)
     assert bg[0] == pytest.approx(100.0, abs=0.5)
     disk = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if dy * dy + dx * dx <= 4]
@@ -136,8 +137,9 @@ def test_finds_spots_and_edge_spots(default):
 @needs_default
 def test_integer_dtypes_agree_and_floats_are_close(default):
     rng = np.random.default_rng(2)
-    img, truth = spot_image(rng, (256, 256), n_spots=25, amp=150, background=20, noise_sd=3,
-                            dtype=np.uint8)
+    img, truth = spot_image(
+        rng, (256, 256), n_spots=25, amp=150, background=20, noise_sd=3, dtype=np.uint8
+    )
     ref = detect(img.astype(np.uint16), default).coords
     assert _recall(ref, truth) > 0.9
     for dt in (np.uint8, np.int16, np.int32, np.int64, ">u2", "<i4"):
@@ -171,3 +173,16 @@ def test_scale_returns_coordinates_in_the_input_frame(default):
     assert _recall(spots.coords, truth, 1.5) >= 0.9
     pi, ti = match(spots.coords, truth, 1.5)
     assert np.abs(spots.coords[pi] - truth[ti]).mean() < 0.5
+
+
+def test_numpy_vote_pool_matches_the_training_one():
+    from piscis.detect import vote_pool_np
+    from piscis.loss import vote_pool
+
+    rng = np.random.default_rng(9)
+    logit = rng.normal(0, 3, (40, 50)).astype(np.float32)
+    disp = rng.normal(0, 1.2, (2, 40, 50)).astype(np.float32)
+    ref = vote_pool(torch.from_numpy(logit)[None], torch.from_numpy(disp)[None], fill=-np.inf)[
+        0
+    ].numpy()
+    np.testing.assert_array_equal(vote_pool_np(logit, disp), ref)

@@ -25,8 +25,15 @@ def _pairs(n=3, seed=0):
 
 
 def _tiny(**kw):
-    base = dict(epochs=1, steps_per_epoch=3, batch_size=4, crop=64, channels=(4, 8),
-                workers=0, synthetic_fraction=0.5)
+    base = dict(
+        epochs=1,
+        steps_per_epoch=3,
+        batch_size=4,
+        crop=64,
+        channels=(4, 8),
+        workers=0,
+        synthetic_fraction=0.5,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -53,8 +60,14 @@ def test_resume_continues_from_the_last_epoch(tmp_path):
     pairs = _pairs()
     ckpt = tmp_path / "ckpt"
     train(pairs[:2], tmp_path / "a", _tiny(epochs=1), val_pairs=pairs[2:], checkpoint_dir=ckpt)
-    out = train(pairs[:2], tmp_path / "b", _tiny(epochs=2), val_pairs=pairs[2:],
-                checkpoint_dir=ckpt, resume=True)
+    out = train(
+        pairs[:2],
+        tmp_path / "b",
+        _tiny(epochs=2),
+        val_pairs=pairs[2:],
+        checkpoint_dir=ckpt,
+        resume=True,
+    )
     hist = json.loads((out / "config.json").read_text())["training"]["history"]
     assert [h["epoch"] for h in hist] == [0, 1]
 
@@ -67,8 +80,9 @@ def test_stop_request_keeps_a_model(tmp_path):
         calls["n"] += 1
         return calls["n"] > 2
 
-    out = train(pairs[:2], tmp_path / "m", _tiny(steps_per_epoch=50), val_pairs=pairs[2:],
-                should_stop=stop)
+    out = train(
+        pairs[:2], tmp_path / "m", _tiny(steps_per_epoch=50), val_pairs=pairs[2:], should_stop=stop
+    )
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["training"]["stopped_early"] is True
     assert (out / "model.safetensors").exists()
@@ -96,8 +110,15 @@ def test_short_training_learns_to_find_spots(tmp_path):
 
     torch.set_num_threads(1)
     pairs = _pairs(4, seed=1)
-    cfg = _tiny(epochs=1, steps_per_epoch=150, batch_size=8, crop=64, channels=(8, 16),
-                synthetic_fraction=0.0, lr=5e-3)
+    cfg = _tiny(
+        epochs=1,
+        steps_per_epoch=150,
+        batch_size=8,
+        crop=64,
+        channels=(8, 16),
+        synthetic_fraction=0.0,
+        lr=5e-3,
+    )
     out = train(pairs[:3], tmp_path / "m", cfg, val_pairs=pairs[3:])
     spots = detect(pairs[3].image, load_model(out))
     assert f1_at(spots.coords, pairs[3].coords, 2.0) > 0.7

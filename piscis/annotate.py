@@ -1,0 +1,497 @@
+"""What the interactive front end (the napari plugin) needs from the core, as plain
+NumPy: live re-thresholding, spot tables with a display transform, snapping a
+clicked point to its spot, saving training pairs, validation splits, model
+folders, and the per-cell export. No Qt, no napari: every function here can be
+used from a script as well.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .detect import Maps, Spots, _logit, spots_from_maps
+from .io import InputError, MODELS_DIR, atomic_write_text, table_text, to_plane
+
+logger = logging.getLogger(__name__)
+
+MIN_THRESHOLD = 0.05  # the lowest threshold a slider can reach without a new decode
+
+
+# --------------------------------------------------------------------------- re-thresholding
+
+
+@dataclass
+class SpotCandidates:
+    """Every spot of an image down to ``min_threshold``, decoded once.
+
+    A peak of the pooled map is a peak at any threshold below its score, and its
+    position and intensity do not depend on the threshold, so the spots at a
+    higher threshold are a subset of these: :meth:`at` filters, it does not
+    decode. ``at(t)`` gives exactly ``spots_from_maps(maps, image, t)`` for every
+    ``t >= min_threshold``.
+    """
+
+    spots: Spots
+    logits: np.ndarray  # float32 pooled logit of each spot, the value decode compares
+    min_threshold: float = MIN_THRESHOLD
+
+    @classmethod
+    def from_maps(
+        cls, maps: Maps, image: np.ndarray, min_threshold: float = MIN_THRESHOLD
+    ) -> SpotCandidates:
+        spots = spots_from_maps(maps, image, min_threshold)
+        s = np.clip(spots.score.astype(np.float64), 1e-300, None)
+        with np.errstate(divide="ignore"):
+            logits = (np.log(s) - np.log1p(-s)).astype(np.float32)  # exact float32 round trip
+        return cls(spots, logits, float(min_threshold))
+
+    def __len__(self) -> int:
+        return len(self.spots)
+
+    def mask(self, threshold: float) -> np.ndarray:
+        threshold = float(threshold)
+        if threshold < self.min_threshold - 1e-12:
+            raise ValueError(
+                f"threshold {threshold} is below the cached minimum {self.min_threshold}; "
+                "decode the maps again"
+            )
+        return self.logits >= np.float32(_logit(threshold))
+
+    def at(self, threshold: float) -> Spots:
+        """The spots at ``threshold``, in (y, x) order as :func:`spots_from_maps` gives them."""
+        keep = self.mask(threshold)
+        s = self.spots
+        extra = {k: np.asarray(v)[keep] for k, v in s.extra.items()}
+        return Spots(s.coords[keep], s.score[keep], s.intensity[keep], s.background[keep], extra)
+
+    def count(self, threshold: float) -> int:
+        return int(np.count_nonzero(self.mask(threshold)))
+
+
+# --------------------------------------------------------------------------- spot tables
+
+TRANSFORM_COLUMNS = ("scale_y", "scale_x", "translate_y", "translate_x")
+FEATURE_COLUMNS = ("score", "intensity", "cell_id")  # always present when read
+_COORD_NAMES = ("z", "y", "x")
+
+
+@dataclass
+class SpotTable:
+    """Spot coordinates in the image's pixels, per-spot values, and how the
+    spots were displayed: world = pixel * scale + translate (last two axes)."""
+
+    coords: np.ndarray  # (N, 2) (y, x) or (N, 3) (z, y, x)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    scale: tuple[float, ...] = (1.0, 1.0)
+    translate: tuple[float, ...] = (0.0, 0.0)
+
+
+def read_spot_table(path) -> SpotTable:
+    """Read a spot CSV with all its numeric columns.
+
+    Our tables (``y,x[,z],score,intensity,...``, optionally the display transform
+    ``scale_y,scale_x,translate_y,translate_x`` written by :func:`write_spot_table`)
+    and napari's Points export (``index,axis-0,axis-1[,...]``) are read; the
+    coordinates go through :func:`piscis.io.read_spots` (same checks, same
+    messages). ``score``, ``intensity`` and ``cell_id`` are always among the
+    features (NaN where the file has none). Text columns are dropped.
+    """
+    from .io import read_spots
+
+    path = Path(path)
+    coords = read_spots(path)
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    header = [c.strip() for c in rows[0]]
+    lower = [h.lower() for h in header]
+    body = rows[1:]
+    axes = [h for h in lower if h.startswith("axis-")]
+    napari_style = not ("y" in lower and "x" in lower) and len(axes) >= 2
+    if napari_style and len(axes) >= 3:
+        # napari's export of 3D points: axis-0 is z.
+        iz = lower.index(sorted(axes, key=lambda h: int(h[5:]) if h[5:].isdigit() else 0)[-3])
+        z = np.array([float(r[iz]) for r in body]).reshape(-1, 1)
+        coords = np.hstack([z, coords])
+    elif "z" in lower:
+        z = _column(body, lower.index("z"))
+        if z is not None and np.all(np.isfinite(z)):
+            coords = np.hstack([z.reshape(-1, 1), coords])
+    used = set(axes) | {"index", *_COORD_NAMES}
+    features: dict[str, np.ndarray] = {}
+    transform: dict[str, float] = {}
+    for i, (name, low) in enumerate(zip(header, lower)):
+        if low in used or not name:
+            continue
+        values = _column(body, i)
+        if values is None:
+            continue  # text
+        if low in TRANSFORM_COLUMNS:
+            finite = values[np.isfinite(values)]
+            if finite.size:
+                transform[low] = float(finite[0])
+            continue
+        features[low if low in FEATURE_COLUMNS else name] = values
+    n = len(coords)
+    for name in FEATURE_COLUMNS:
+        features.setdefault(name, np.full(n, np.nan))
+    scale = (transform.get("scale_y", 1.0), transform.get("scale_x", 1.0))
+    translate = (transform.get("translate_y", 0.0), transform.get("translate_x", 0.0))
+    if min(abs(scale[0]), abs(scale[1])) == 0:
+        raise InputError(f"{path}: scale_y and scale_x must not be 0")
+    return SpotTable(coords, features, scale, translate)
+
+
+def _column(rows, i) -> np.ndarray | None:
+    """A numeric column (empty cells: NaN), or None when it holds text."""
+    out = np.full(len(rows), np.nan)
+    for k, r in enumerate(rows):
+        cell = r[i].strip() if i < len(r) else ""
+        if cell == "":
+            continue
+        if cell.lower() in ("true", "false"):
+            out[k] = float(cell.lower() == "true")
+            continue
+        try:
+            out[k] = float(cell)
+        except ValueError:
+            return None
+    return out
+
+
+def spot_table_columns(table: SpotTable) -> dict[str, np.ndarray]:
+    """Columns for :func:`piscis.io.table_text`: coordinates, the features
+    that hold a value, then the display transform when it is not the identity."""
+    coords = np.asarray(table.coords, dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[1] not in (2, 3):
+        raise ValueError(f"coords must be (N, 2) or (N, 3), got shape {coords.shape}")
+    names = _COORD_NAMES[3 - coords.shape[1] :]
+    # y, x first (our convention), z after them.
+    cols: dict[str, np.ndarray] = {"y": coords[:, -2], "x": coords[:, -1]}
+    if coords.shape[1] == 3:
+        cols["z"] = coords[:, 0]
+    for name, values in table.features.items():
+        if name in names or name in cols or name in TRANSFORM_COLUMNS:
+            continue
+        values = np.asarray(values)
+        if values.shape != (len(coords),):
+            continue
+        if values.dtype.kind in "biuf":
+            if values.dtype.kind == "f" and not np.isfinite(values).any():
+                continue  # nothing to say (a feature read as NaN, say)
+            if name in ("cell_id",) and values.dtype.kind == "f":
+                if np.all(np.isfinite(values) & (values == np.round(values))):
+                    values = values.astype(np.int64)
+            cols[name] = values
+        else:
+            cols[name] = np.array([str(v) for v in values], dtype=object)
+    scale = tuple(float(s) for s in table.scale[-2:])
+    translate = tuple(float(t) for t in table.translate[-2:])
+    if scale != (1.0, 1.0) or translate != (0.0, 0.0):
+        n = len(coords)
+        for name, v in zip(TRANSFORM_COLUMNS, (*scale, *translate)):
+            cols[name] = np.full(n, v)
+    return cols
+
+
+def write_spot_table(path, table: SpotTable, overwrite: bool = True) -> Path:
+    """Write ``table`` as our spot CSV (atomically); read back by :func:`read_spot_table`.
+
+    Transform values use 12 significant digits so that a layer drawn at
+    (0.5, 0.5) scale comes back on the same pixels; coordinates use 4 decimals
+    (0.1 nm at 1 um per pixel).
+    """
+    path = Path(path)
+    cols = spot_table_columns(table)
+    text = table_text({k: v for k, v in cols.items() if k not in TRANSFORM_COLUMNS})
+    if any(k in cols for k in TRANSFORM_COLUMNS):
+        lines = text.splitlines()
+        extra = [cols[k] for k in TRANSFORM_COLUMNS]
+        lines[0] += "," + ",".join(TRANSFORM_COLUMNS)
+        for i in range(1, len(lines)):
+            lines[i] += "," + ",".join(f"{float(c[i - 1]):.12g}" for c in extra)
+        text = "\n".join(lines) + "\n"
+    atomic_write_text(path, text, overwrite=overwrite)
+    return path
+
+
+# --------------------------------------------------------------------------- annotation
+
+
+def snap_to_peak(image: np.ndarray, point, radius: float = 3.0, sigma: float = 1.0) -> np.ndarray:
+    """Move a clicked point to the intensity peak of its spot.
+
+    The brightest pixel of the image smoothed with a Gaussian (``sigma``) within
+    ``radius`` px of ``point``, then the centroid of the background-subtracted
+    3x3 window around it (sub-pixel). The point is returned unchanged when the
+    window holds no finite pixel or no peak. (y, x) in pixels.
+    """
+    image = np.asarray(image)
+    p = np.asarray(point, dtype=np.float64)[-2:]
+    if image.ndim != 2 or not np.all(np.isfinite(p)):
+        return p
+    h, w = image.shape
+    k = int(math.ceil(radius)) + 3
+    cy, cx = int(round(p[0])), int(round(p[1]))
+    y0, y1, x0, x1 = max(cy - k, 0), min(cy + k + 1, h), max(cx - k, 0), min(cx + k + 1, w)
+    if y0 >= y1 or x0 >= x1:
+        return p
+    crop = image[y0:y1, x0:x1].astype(np.float64)
+    finite = np.isfinite(crop)
+    if not finite.any():
+        return p
+    crop = np.where(finite, crop, np.min(crop[finite]))
+    smooth = ndi.gaussian_filter(crop, sigma) if sigma > 0 else crop
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    near = np.hypot(yy - p[0], xx - p[1]) <= radius
+    if not near.any():
+        return p
+    masked = np.where(near, smooth, -np.inf)
+    iy, ix = np.unravel_index(int(np.argmax(masked)), masked.shape)
+    win = smooth[max(iy - 1, 0) : iy + 2, max(ix - 1, 0) : ix + 2]
+    wy, wx = yy[max(iy - 1, 0) : iy + 2, max(ix - 1, 0) : ix + 2], xx[max(iy - 1, 0) : iy + 2, max(ix - 1, 0) : ix + 2]
+    wgt = win - np.median(smooth)
+    wgt = np.clip(wgt, 0, None)
+    if wgt.sum() <= 0:
+        return np.array([yy[iy, ix], xx[iy, ix]], dtype=np.float64)
+    return np.array([(wgt * wy).sum() / wgt.sum(), (wgt * wx).sum() / wgt.sum()])
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]*$")
+
+
+def pair_name(name: str) -> str:
+    """A file-name-safe training pair name (letters, digits, ``._ -``)."""
+    name = re.sub(r"[^A-Za-z0-9._ -]+", "_", str(name)).strip(" ._-") or "pair"
+    if name.lower().endswith((".tif", ".tiff", ".png", ".csv")):
+        name = name.rsplit(".", 1)[0]
+    if name.lower().endswith(".mask"):
+        name = name[:-5] + "_mask"
+    return name
+
+
+def save_training_pair(
+    folder,
+    name: str,
+    image: np.ndarray,
+    coords: np.ndarray,
+    region: np.ndarray | None = None,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write one training pair as ``piscis train`` reads it.
+
+    ``NAME.tif`` (the 2D image, its own dtype), ``NAME.csv`` (``y,x``, 0-based
+    pixels) and, when ``region`` is given, ``NAME.mask.tif`` (uint8, 255 where
+    the image was fully annotated). Spots off the image are dropped with a
+    message. Existing files are kept unless ``overwrite``; with ``overwrite``
+    and no region, a stale ``NAME.mask.tif`` is removed (it would restrict
+    training to an old region).
+
+    Returns the paths written, by kind (``image``, ``spots``, ``mask``).
+    """
+    import tifffile
+
+    folder = Path(folder)
+    name = pair_name(name)
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"a training image must be 2D (Y, X), got shape {image.shape}")
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    on = np.all((coords >= -0.5) & (coords < np.asarray(image.shape) - 0.5), axis=1)
+    on &= np.all(np.isfinite(coords), axis=1)
+    if not on.all():
+        logger.info("%s: %d spots off the image left out", name, int((~on).sum()))
+        coords = coords[on]
+    if region is not None:
+        region = np.asarray(region).astype(bool)
+        if region.shape != image.shape:
+            raise ValueError(
+                f"region shape {region.shape} differs from the image shape {image.shape}"
+            )
+        if not region.any():
+            raise ValueError("the annotated region is empty: draw it over the image")
+    paths = {"image": folder / f"{name}.tif", "spots": folder / f"{name}.csv"}
+    mask_path = folder / f"{name}.mask.tif"
+    if region is not None:
+        paths["mask"] = mask_path
+    if not overwrite:
+        existing = [p for p in [*paths.values(), mask_path] if p.exists()]
+        if existing:
+            raise FileExistsError(f"{existing[0]} exists; choose another name or overwrite")
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_tiff(paths["image"], image, tifffile)
+    atomic_write_text(paths["spots"], table_text({"y": coords[:, 0], "x": coords[:, 1]}))
+    if region is not None:
+        _atomic_tiff(mask_path, region.astype(np.uint8) * 255, tifffile)
+    elif mask_path.exists():
+        mask_path.unlink()
+    return paths
+
+
+def _atomic_tiff(path: Path, data: np.ndarray, tifffile) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, data, photometric="minisblack")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_for_validation(pairs: list, share: float, seed: int = 0) -> tuple[list, list]:
+    """Hold out ``share`` of the annotations for validation.
+
+    With enough pairs (``round(share * n) >= 1`` and at least one left to train
+    on) whole pairs are held out, chosen with ``seed``. Otherwise (one annotated
+    image, typically) each pair is cut in two: the last ``share`` of its longer
+    axis validates, the rest trains, so even a single image gets a validation
+    score. ``share`` 0 validates on nothing.
+    """
+    from .data import Pair
+
+    pairs = list(pairs)
+    if share <= 0 or not pairs:
+        return pairs, []
+    if not 0 < share < 1:
+        raise ValueError(f"validation share must be in [0, 1), got {share}")
+    n_val = int(round(share * len(pairs)))
+    if n_val >= 1 and len(pairs) - n_val >= 1:
+        order = np.random.default_rng(seed).permutation(len(pairs))
+        val = [pairs[i] for i in sorted(order[:n_val])]
+        train = [pairs[i] for i in sorted(order[n_val:])]
+        return train, val
+    train, val = [], []
+    for p in pairs:
+        axis = int(np.argmax(p.image.shape))
+        length = p.image.shape[axis]
+        cut = int(round(length * (1 - share)))
+        if cut < 16 or length - cut < 16:
+            train.append(p)  # too small to cut
+            continue
+        coords = np.asarray(p.coords).reshape(-1, 2)
+        below = coords[:, axis] < cut - 0.5
+        sl_a = [slice(None), slice(None)]
+        sl_b = [slice(None), slice(None)]
+        sl_a[axis], sl_b[axis] = slice(0, cut), slice(cut, None)
+        shift = np.zeros(2)
+        shift[axis] = cut
+        region = p.region
+        ra = None if region is None else region[tuple(sl_a)]
+        rb = None if region is None else region[tuple(sl_b)]
+        train.append(Pair(f"{p.name}[train]", p.image[tuple(sl_a)], coords[below], ra, p.norm))
+        val.append(Pair(f"{p.name}[val]", p.image[tuple(sl_b)], coords[~below] - shift, rb, p.norm))
+    return train, val
+
+
+# --------------------------------------------------------------------------- images
+
+
+def axes_choices(shape, rgb: bool = False) -> list[str]:
+    """The axis orders a displayed array of ``shape`` can be read with (the first is
+    the best guess): only orders with Y and X last (or channels after them)."""
+    nd = len(shape)
+    if nd == 2:
+        return ["YX"]
+    if rgb:
+        return ["YXC"] if nd == 3 else ["Z" * (nd - 3) + "YXC"]
+    if nd == 3:
+        first = shape[0]
+        guess = ["CYX", "ZYX"] if first <= 8 and first < min(shape[1:]) else ["ZYX", "CYX"]
+        return guess
+    if nd == 4:
+        return ["ZCYX", "CZYX"] if shape[1] <= shape[0] else ["CZYX", "ZCYX"]
+    return []
+
+
+def plane(data, axes: str, channel: int | None = None, name: str = "image") -> np.ndarray:
+    """A 2D (Y, X) plane of a displayed array: the channel picked, a Z axis
+    max-projected (see :func:`piscis.io.to_plane`)."""
+    if isinstance(data, (list, tuple)):  # a multiscale pyramid: the full resolution
+        data = data[0]
+    data = np.asarray(data)
+    if "C" not in axes:
+        channel = None
+    return to_plane(data, axes, channel=channel, name=name, explicit=True).image
+
+
+# --------------------------------------------------------------------------- models
+
+
+def user_models_dir() -> Path:
+    """Where new models go by default: ``$PISCIS_MODELS_DIR`` or ``~/.piscis/models``."""
+    env = os.environ.get("PISCIS_MODELS_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".piscis" / "models"
+
+
+def is_model_folder(path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def find_models(extra_dirs=()) -> list[Path]:
+    """Model folders: the shipped ones, then those under :func:`user_models_dir`
+    and ``extra_dirs`` (a folder that is a model counts itself), newest first
+    within each place."""
+    out: list[Path] = []
+    places = [MODELS_DIR, user_models_dir(), *[Path(d) for d in extra_dirs]]
+    for place in places:
+        if is_model_folder(place):
+            found = [place]
+        elif place.is_dir():
+            found = sorted(
+                (d for d in place.iterdir() if d.is_dir() and is_model_folder(d)),
+                key=lambda d: (-d.stat().st_mtime, d.name) if place != MODELS_DIR else (0, d.name),
+            )
+        else:
+            found = []
+        for d in found:
+            if d.resolve() not in {o.resolve() for o in out}:
+                out.append(d)
+    return out
+
+
+def new_model_folder(parent, base: str) -> Path:
+    """A model folder name under ``parent`` that does not exist yet:
+    ``BASE-YYYYmmdd-HHMMSS`` (with a counter if needed)."""
+    parent = Path(parent)
+    stem = f"{pair_name(base)}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cand, k = parent / stem, 1
+    while cand.exists() or cand.with_name(cand.name + ".ckpt").exists():
+        k += 1
+        cand = parent / f"{stem}-{k}"
+    return cand
+
+
+# --------------------------------------------------------------------------- cells
+
+
+def cells_table_text(rows: list[dict], image: str) -> str:
+    """``cells.csv`` as ``piscis count`` writes it: ``image`` then
+    :data:`piscis.cells.CELL_COLUMNS`, one row per cell."""
+    from .cells import CELL_COLUMNS
+
+    names = ["image", *CELL_COLUMNS]
+    full = [{"image": str(image), **r} for r in rows]
+    return table_text({k: [r[k] for r in full] for k in names})
+
+
+def count_values(rows: list[dict], key: str = "n_spots") -> dict[int, float]:
+    """``cell_id`` -> ``rows[key]`` scaled to [0, 1] (for colouring cells by count);
+    0 where the count is unknown (None)."""
+    vals = {int(r["cell_id"]): (np.nan if r.get(key) is None else float(r[key])) for r in rows}
+    arr = np.array(list(vals.values()), dtype=float)
+    finite = arr[np.isfinite(arr)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    return {k: (0.0 if not np.isfinite(v) else (v - lo) / span) for k, v in vals.items()}

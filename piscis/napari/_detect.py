@@ -1,0 +1,233 @@
+"""Detect widget: image layer, model, channel, scale -> a Points layer coloured
+by score; a threshold slider that re-decodes live from the cached network output."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from napari.layers import Image, Points
+from napari.qt.threading import create_worker
+from napari.utils import progress
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+from superqt import QLabeledDoubleSlider
+
+from ..annotate import MIN_THRESHOLD, SpotCandidates, axes_choices
+from . import _layers
+from ._common import LayerCombo, ModelChooser, Relay, notify_error, state_for, status_label
+
+
+class DetectWidget(QWidget):
+    def __init__(self, napari_viewer, parent=None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.state = state_for(napari_viewer)
+        self._worker = None
+        self._pbar = None
+        self._result: dict | None = None  # candidates, points layer, image layer
+        self.last_update_s = float("nan")  # seconds of the last re-threshold
+
+        self.image = LayerCombo(napari_viewer, (Image,))
+        self.axes = QComboBox()
+        self.axes.setToolTip("How the image's axes are read: C = channels, Z = max-projected")
+        self.channel = QSpinBox()
+        self.channel.setRange(0, 0)
+        self.channel.setToolTip("Channel of a multi-channel image (0-based)")
+        self.model = ModelChooser(self.state)
+        self.scale = QDoubleSpinBox()
+        self.scale.setRange(0.05, 20.0)
+        self.scale.setSingleStep(0.05)
+        self.scale.setDecimals(2)
+        self.scale.setToolTip(
+            "Resize before the network: < 1 for spots larger than 2-3 px; "
+            "positions come back in the image's pixels"
+        )
+        self.threshold = QLabeledDoubleSlider(Qt.Horizontal)
+        self.threshold.setRange(MIN_THRESHOLD, 0.99)
+        self.threshold.setDecimals(2)
+        self.threshold.setSingleStep(0.01)
+        self.threshold.setValue(0.5)
+        self.threshold.setToolTip("Spot probability threshold: re-decoded live, no network run")
+        self.run_button = QPushButton("Detect")
+        self.status = status_label()
+
+        form = QFormLayout()
+        form.addRow("image", self.image)
+        form.addRow("axes", self.axes)
+        form.addRow("channel", self.channel)
+        form.addRow("model", self.model)
+        form.addRow("scale", self.scale)
+        form.addRow("threshold", self.threshold)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addWidget(self.run_button)
+        lay.addWidget(self.status)
+        lay.addStretch(1)
+
+        self.relay = Relay()
+        self.relay.progressed.connect(self._on_progress)
+        self.image.currentIndexChanged.connect(self._on_image_changed)
+        self.axes.currentIndexChanged.connect(self._on_axes_changed)
+        self.model.combo.currentIndexChanged.connect(self._on_model_changed)
+        self.threshold.valueChanged.connect(self.apply_threshold)
+        self.run_button.clicked.connect(self.run)
+        self._on_image_changed()
+        self._on_model_changed()
+
+    # ------------------------------------------------------------------ fields
+
+    def _on_image_changed(self, *_):
+        layer = self.image.layer()
+        self.axes.blockSignals(True)
+        self.axes.clear()
+        if layer is not None:
+            self.axes.addItems(axes_choices(_layers.layer_shape(layer), getattr(layer, "rgb", False)))
+        self.axes.blockSignals(False)
+        self._on_axes_changed()
+
+    def _on_axes_changed(self, *_):
+        layer, axes = self.image.layer(), self.axes.currentText()
+        n = 1
+        if layer is not None and "C" in axes:
+            shape = _layers.layer_shape(layer)
+            n = shape[axes.index("C")]
+        self.channel.setRange(0, max(n - 1, 0))
+        self.channel.setEnabled(n > 1)
+        self.axes.setEnabled(self.axes.count() > 1)
+
+    def _on_model_changed(self, *_):
+        path = self.model.path()
+        self.state.current_model = path
+        if path is None:
+            return
+        try:
+            import json
+
+            cfg = json.loads((path / "config.json").read_text())
+            self.scale.setValue(float(cfg.get("scale", 1.0)))
+        except (OSError, ValueError):
+            pass
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> None:
+        """Detect on the chosen image in a worker thread."""
+        if self._worker is not None:
+            return
+        layer = self.image.layer()
+        model_path = self.model.path()
+        if layer is None:
+            notify_error("piscis: add an image layer first")
+            return
+        if model_path is None:
+            notify_error("piscis: no model; choose a model folder with Browse...")
+            return
+        try:
+            img = _layers.layer_plane(layer, self.axes.currentText(), self.channel.value())
+        except ValueError as e:
+            notify_error(f"piscis: {e}")
+            self.status.setText(str(e))
+            return
+        scale = float(self.scale.value())
+        relay = self.relay
+
+        def work():
+            from ..detect import predict_maps
+            from ..io import load_model
+
+            model = load_model(model_path)
+            maps, _ = predict_maps(img, model, scale=scale, progress=lambda d, t: relay.progressed.emit((d, t)))
+            relay.progressed.emit(("decode", 0))
+            return SpotCandidates.from_maps(maps, img), model.threshold, model.name
+
+        self.run_button.setEnabled(False)
+        self.status.setText(f"Detecting spots in {layer.name}...")
+        self._pbar = progress(total=0, desc="piscis: detecting")
+        worker = create_worker(work, _start_thread=False)
+        worker.returned.connect(lambda r: self._on_result(r, layer, img.shape))
+        worker.errored.connect(self._on_error)
+        worker.finished.connect(self._on_finished)
+        self._worker = worker
+        worker.start()
+
+    def _on_progress(self, info):
+        if self._pbar is None:
+            return
+        done, total = info
+        if done == "decode":
+            self._pbar.set_description("piscis: decoding spots")
+            return
+        if self._pbar.total != total:
+            self._pbar.total = total
+        self._pbar.update(done - self._pbar.n)
+
+    def _on_error(self, exc):
+        msg = f"piscis: detection failed: {exc}"
+        self.status.setText(msg)
+        notify_error(msg)
+
+    def _on_finished(self):
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._worker = None
+        self.run_button.setEnabled(True)
+
+    def _on_result(self, result, image_layer, shape):
+        cands, threshold, model_name = result
+        name = f"{image_layer.name} spots"
+        points = None
+        for ly in self.viewer.layers:
+            if isinstance(ly, Points) and ly.name == name and _layers.meta(ly).get("role") == "detections":
+                points = ly
+        if points is None:
+            points = self.viewer.add_points(
+                np.zeros((0, 2)),
+                name=name,
+                features={k: np.zeros(0) for k in ("score", "intensity", "background", "cell_id")},
+                face_color="score",
+                face_colormap="viridis",
+                face_contrast_limits=(0.0, 1.0),
+                border_color="white",
+                border_width=0.1,
+                size=6,
+                opacity=0.9,
+                **_layers.aligned_kwargs(image_layer),
+            )
+        md = _layers.meta(points)
+        md.update(role="detections", image=image_layer.name, model=model_name, shape=tuple(shape))
+        self._result = {"candidates": cands, "points": points, "image": image_layer}
+        self.threshold.blockSignals(True)
+        self.threshold.setValue(threshold)
+        self.threshold.blockSignals(False)
+        self.apply_threshold(self.threshold.value())
+
+    def apply_threshold(self, threshold: float) -> None:
+        """Show the spots at ``threshold`` from the cached candidates (no network)."""
+        if self._result is None:
+            return
+        t0 = time.perf_counter()
+        cands, points = self._result["candidates"], self._result["points"]
+        if points not in self.viewer.layers:
+            self._result = None
+            return
+        spots = cands.at(threshold)
+        _layers.set_points(points, spots.coords, _layers.spots_features(spots))
+        _layers.meta(points)["threshold"] = float(threshold)
+        self.last_update_s = time.perf_counter() - t0
+        self.status.setText(
+            f"{len(spots)} spots at threshold {threshold:.2f} in {self._result['image'].name}"
+        )
+
+    @property
+    def points_layer(self):
+        return None if self._result is None else self._result["points"]

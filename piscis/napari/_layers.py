@@ -1,0 +1,128 @@
+"""Between napari layers and the core's arrays (no Qt here).
+
+Spots and masks live in the pixel frame of their image; napari draws each
+layer with its own scale and translate. Only scale and translate of the last
+two axes are honoured (no rotation, shear or affine).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..annotate import axes_choices, plane
+
+ROLE = "piscis"  # key of our entry in layer.metadata
+
+
+def meta(layer) -> dict:
+    """Our metadata entry of a layer (created if missing)."""
+    md = layer.metadata
+    if ROLE not in md or not isinstance(md[ROLE], dict):
+        md[ROLE] = {}
+    return md[ROLE]
+
+
+def yx_transform(layer) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and translate of the layer's last two axes."""
+    return np.asarray(layer.scale[-2:], float), np.asarray(layer.translate[-2:], float)
+
+
+def aligned_kwargs(image_layer) -> dict:
+    """scale/translate for a new 2D layer drawn on the image's pixels."""
+    s, t = yx_transform(image_layer)
+    return {"scale": tuple(s), "translate": tuple(t)}
+
+
+def to_pixels(coords, layer, image_layer) -> np.ndarray:
+    """Coordinates of ``layer`` (its data frame, last two axes) in the image's pixels."""
+    c = np.asarray(coords, float).reshape(-1, np.asarray(coords).shape[-1] if len(coords) else 2)
+    c = c[:, -2:]
+    ls, lt = yx_transform(layer)
+    s, t = yx_transform(image_layer)
+    return (c * ls + lt - t) / s
+
+
+def from_pixels(pixels, layer, image_layer) -> np.ndarray:
+    """Inverse of :func:`to_pixels` (2D layers)."""
+    p = np.asarray(pixels, float).reshape(-1, 2)
+    ls, lt = yx_transform(layer)
+    s, t = yx_transform(image_layer)
+    return (p * s + t - lt) / ls
+
+
+def default_axes(layer) -> str:
+    choices = axes_choices(layer_shape(layer), getattr(layer, "rgb", False))
+    return choices[0] if choices else ""
+
+
+def layer_shape(layer) -> tuple[int, ...]:
+    data = layer.data
+    if getattr(layer, "multiscale", False):
+        data = data[0]
+    return tuple(data.shape)
+
+
+def layer_plane(layer, axes: str | None = None, channel: int | None = None) -> np.ndarray:
+    """The 2D (Y, X) plane of an image layer the detector runs on."""
+    axes = axes or default_axes(layer)
+    return plane(layer.data, axes, channel, name=layer.name)
+
+
+def source_name(layer) -> str:
+    """The file a layer came from, else its name (the ``image`` column of cells.csv)."""
+    path = getattr(getattr(layer, "source", None), "path", None)
+    return str(path) if path else layer.name
+
+
+def region_mask(region_layer, image_layer, shape) -> np.ndarray | None:
+    """The annotated region as a bool mask on the image's pixels, or None (whole image).
+
+    A Shapes layer: the union of its shapes (clipped to the image); a Labels
+    layer: its non-zero pixels (same shape as the image).
+    """
+    if region_layer is None:
+        return None
+    from napari.layers import Labels, Shapes
+
+    if isinstance(region_layer, Labels):
+        data = np.asarray(region_layer.data)
+        if data.shape[-2:] != tuple(shape):
+            raise ValueError(
+                f"region labels {region_layer.name!r} have shape {data.shape[-2:]}, "
+                f"the image {tuple(shape)}"
+            )
+        while data.ndim > 2:
+            data = data.max(axis=0)
+        return data > 0
+    if isinstance(region_layer, Shapes):
+        if len(region_layer.data) == 0:
+            return None
+        verts = [to_pixels(d, region_layer, image_layer) for d in region_layer.data]
+        tmp = Shapes(verts, shape_type=list(region_layer.shape_type))
+        masks = np.asarray(tmp.to_masks(mask_shape=tuple(shape)))
+        return masks.any(axis=0)
+    raise TypeError(f"{region_layer.name!r} is neither a Shapes nor a Labels layer")
+
+
+def spots_features(spots, n: int | None = None) -> dict[str, np.ndarray]:
+    """Per-spot features of a core :class:`~piscis.detect.Spots` for a Points layer."""
+    n = len(spots) if n is None else n
+    feats = {
+        "score": np.asarray(spots.score, float),
+        "intensity": np.asarray(spots.intensity, float),
+        "background": np.asarray(spots.background, float),
+        "cell_id": np.full(n, np.nan),
+    }
+    return feats
+
+
+def set_points(layer, coords, features: dict) -> None:
+    """Replace a Points layer's points and features in one go, colours refreshed."""
+    import pandas as pd
+
+    coords = np.asarray(coords, float).reshape(-1, 2)
+    layer.selected_data = set()
+    layer.data = coords
+    layer.features = pd.DataFrame(features)
+    if layer.face_color_mode == "colormap":
+        layer.refresh_colors(update_color_mapping=False)
