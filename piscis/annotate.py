@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .detect import Maps, Spots, _logit, spots_from_maps
-from .io import InputError, MODELS_DIR, atomic_write_text, table_text, to_plane
+from .io import MODELS_DIR, InputError, atomic_write_text, table_text, to_plane
 
 logger = logging.getLogger(__name__)
 
@@ -258,10 +258,13 @@ def snap_to_peak(image: np.ndarray, point, radius: float = 3.0, sigma: float = 1
         return p
     masked = np.where(near, smooth, -np.inf)
     iy, ix = np.unravel_index(int(np.argmax(masked)), masked.shape)
-    win = smooth[max(iy - 1, 0) : iy + 2, max(ix - 1, 0) : ix + 2]
-    wy, wx = yy[max(iy - 1, 0) : iy + 2, max(ix - 1, 0) : ix + 2], xx[max(iy - 1, 0) : iy + 2, max(ix - 1, 0) : ix + 2]
-    wgt = win - np.median(smooth)
-    wgt = np.clip(wgt, 0, None)
+    level = float(np.median(smooth))
+    spread = 1.4826 * float(np.median(np.abs(smooth - level)))
+    if smooth[iy, ix] - level <= 3 * spread:
+        return p  # no spot stands out here: keep the click
+    box = (slice(max(iy - 1, 0), iy + 2), slice(max(ix - 1, 0), ix + 2))
+    wgt = np.clip(smooth[box] - level, 0, None)
+    wy, wx = yy[box], xx[box]
     if wgt.sum() <= 0:
         return np.array([yy[iy, ix], xx[iy, ix]], dtype=np.float64)
     return np.array([(wgt * wy).sum() / wgt.sum(), (wgt * wx).sum() / wgt.sum()])

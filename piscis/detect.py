@@ -149,6 +149,8 @@ class Maps:
     logit: np.ndarray  # (H, W) float32
     disp: np.ndarray  # (2, H, W) float32, (dy, dx) in pixels
     scale: float = 1.0
+    noise: float = 0.0  # the image's noise, for the significance floor
+    min_snr: float = 0.0
 
     @property
     def prob(self) -> np.ndarray:
@@ -189,7 +191,9 @@ def iter_tile_maps(
 
     ``maps`` is (3, th, tw) for the tile including its margin; the core
     starts at (pad_y, pad_x) = ``pad`` within it. Tiles are cut from the
-    image padded by reflection, and their origins are multiples of the
+    normalised image padded with its background (0), as the network's own
+    zero padding was in training: a mirrored padding would give a spot on
+    the border a twin. Tile origins are multiples of the
     network's size multiple, so a tile sees exactly what the whole image
     would: tiled and untiled outputs agree in every core.
     """
@@ -202,9 +206,8 @@ def iter_tile_maps(
     pad_b = _round_up(h, core_y) - h + margin
     pad_r = _round_up(w, core_x) - w + margin
     norm_img = norm.apply(image)
-    mode = "reflect" if min(h, w) > 1 else "edge"
     padded = np.pad(
-        norm_img, ((margin, pad_b), (margin, pad_r)), mode=_pad_mode(norm_img, margin, mode)
+        norm_img, ((margin, pad_b), (margin, pad_r)), mode="constant", constant_values=0.0
     )
     total = len(ys) * len(xs)
     done = 0
@@ -217,11 +220,6 @@ def iter_tile_maps(
                 progress(done, total)
             ch, cw = min(core_y, h - y0), min(core_x, w - x0)
             yield y0, x0, ch, cw, out, (margin, margin)
-
-
-def _pad_mode(arr: np.ndarray, margin: int, mode: str) -> str:
-    # numpy's reflect needs no more than size - 1; it repeats reflections if more.
-    return mode if min(arr.shape) > 1 else "edge"
 
 
 def _round_up(n: int, m: int) -> int:
@@ -244,9 +242,10 @@ def predict_maps(
     """
     image = _check_2d(image)
     net, compression, ratio, default_scale = model, COMPRESSION, CONTRAST_RATIO, 1.0
+    min_snr = 0.0
     if not isinstance(model, SpotNet):
         net, compression, ratio = model.net, model.compression, model.contrast_ratio
-        default_scale = model.scale
+        default_scale, min_snr = model.scale, model.min_snr
     scale = default_scale if scale is None else float(scale)
     if norm is None:
         norm = estimate_normalization(image, compression, ratio)
@@ -255,7 +254,7 @@ def predict_maps(
     maps = np.empty((3, h, w), dtype=np.float32)
     for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, net, norm, tile_size, progress):
         maps[:, y0 : y0 + ch, x0 : x0 + cw] = out[:, py : py + ch, px : px + cw]
-    return Maps(maps[0], maps[1:], scale), norm
+    return Maps(maps[0], maps[1:], scale, norm.noise, min_snr), norm
 
 
 # --------------------------------------------------------------------------- decoding
@@ -394,6 +393,42 @@ def spot_intensities(
     return inten, bgs
 
 
+def spot_significance(
+    image: np.ndarray,
+    coords: np.ndarray,
+    background: np.ndarray,
+    noise: float,
+    sigma: float = 1.5,
+) -> np.ndarray:
+    """Matched-filter signal-to-noise ratio of each spot.
+
+    snr = sum of w * (pixel - background) / (noise * sqrt(sum of w^2)), with
+    w a Gaussian of ``sigma`` px centred on the spot (pixels within 3 sigma,
+    on the image and finite). For white noise of standard deviation
+    ``noise`` it is distributed N(0, 1) where there is no spot: a spot at
+    snr 6 stands six standard deviations out of the noise.
+    """
+    n = len(coords)
+    out = np.full(n, np.nan)
+    if n == 0:
+        return out
+    k = int(math.ceil(3 * sigma))
+    oy, ox = np.mgrid[-k : k + 1, -k : k + 1]
+    h, w = image.shape
+    for i, (y, x) in enumerate(coords):
+        if not (np.isfinite(y) and np.isfinite(x) and np.isfinite(background[i])):
+            continue
+        py, px = int(round(y)) + oy, int(round(x)) + ox
+        inside = (py >= 0) & (py < h) & (px >= 0) & (px < w)
+        vals = image[py[inside], px[inside]].astype(np.float64)
+        wgt = np.exp(-((py[inside] - y) ** 2 + (px[inside] - x) ** 2) / (2 * sigma**2))
+        ok = np.isfinite(vals)
+        wgt, vals = wgt[ok], vals[ok]
+        if wgt.size:
+            out[i] = float(np.sum(wgt * (vals - background[i])) / (noise * np.sqrt(np.sum(wgt**2))))
+    return out
+
+
 # --------------------------------------------------------------------------- the detector
 
 
@@ -431,7 +466,7 @@ def spots_from_maps(maps: Maps, image: np.ndarray, threshold: float, radius: flo
     """Decode cached maps at ``threshold`` and measure the spots on ``image``."""
     coords, scores, _ = decode(maps.logit, maps.disp, threshold)
     coords, scores = _to_image_frame(coords, scores, maps.scale, image.shape)
-    return _finish(image, coords, scores, radius / maps.scale)
+    return _finish(image, coords, scores, radius / maps.scale, maps.noise, maps.min_snr)
 
 
 def _to_image_frame(coords, scores, scale: float, shape):
@@ -443,12 +478,18 @@ def _to_image_frame(coords, scores, scale: float, shape):
     return coords[ok], scores[ok]
 
 
-def _finish(image, coords, scores, radius) -> Spots:
+def _finish(image, coords, scores, radius, noise: float = 0.0, min_snr: float = 0.0) -> Spots:
+    """Sort spots, measure them, and drop those under ``min_snr`` (if > 0)."""
     ok = np.all(np.isfinite(coords), axis=1)
     coords, scores = coords[ok], scores[ok]
     order = np.lexsort((coords[:, 1], coords[:, 0])) if len(coords) else np.zeros(0, int)
     coords, scores = coords[order], scores[order]
-    inten, bg = spot_intensities(np.asarray(image), coords, radius, (radius + 1.0, radius + 3.0))
+    image = np.asarray(image)
+    inten, bg = spot_intensities(image, coords, radius, (radius + 1.0, radius + 3.0))
+    if min_snr > 0 and noise > 0 and len(coords):
+        snr = spot_significance(image, coords, bg, noise, sigma=0.75 * radius)
+        keep = ~(snr < min_snr)  # a spot whose SNR cannot be measured is kept
+        coords, scores, inten, bg = coords[keep], scores[keep], inten[keep], bg[keep]
     return Spots(coords, scores, inten, bg)
 
 
@@ -460,6 +501,7 @@ def detect(
     tile_size: int = DEFAULT_TILE,
     progress: Callable[[int, int], None] | None = None,
     name: str = "image",
+    min_snr: float | None = None,
 ) -> Spots:
     """Find the spots of a 2D image.
 
@@ -474,6 +516,9 @@ def detect(
         None for the model's own (usually 1).
     tile_size : core size of the tiles; memory is bounded by it.
     name : how log messages name the image (a file name, say).
+    min_snr : significance floor: spots whose matched-filter signal-to-noise
+        ratio (:func:`spot_significance`) is below it are dropped; None for
+        the model's own (0: none).
 
     Tiles are decoded one at a time and a spot is kept only if its peak
     pixel lies in its tile's core, so memory stays bounded by the tile and
@@ -508,7 +553,8 @@ def detect(
     coords = np.concatenate(all_coords) if all_coords else np.zeros((0, 2))
     scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
     coords, scores = _to_image_frame(coords, scores, scale, image.shape)
-    return _finish(image, coords, scores, 2.0 / scale)
+    min_snr = loaded.min_snr if min_snr is None else float(min_snr)
+    return _finish(image, coords, scores, 2.0 / scale, norm.noise, min_snr)
 
 
 def _check_2d(image) -> np.ndarray:

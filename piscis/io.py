@@ -464,6 +464,10 @@ class LoadedModel:
         return float(self.config.get("normalization", {}).get("compression", 3.0))
 
     @property
+    def min_snr(self) -> float:
+        return float(self.config.get("min_snr", 0.0))
+
+    @property
     def contrast_ratio(self) -> float:
         # Models from before the contrast unit have none (0: the noise alone).
         return float(self.config.get("normalization", {}).get("contrast_ratio", 0.0))

@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     channels: tuple[int, ...] = (8, 16, 32, 64)
     workers: int = 1
+    keep: str = "best"  # "best" (validation integrated F1) or "last" epoch
     extra: dict = field(default_factory=dict)
 
 
@@ -296,7 +297,7 @@ def train(
         if stopped:
             break
 
-    if (ckpt_dir / "best.pt").exists():
+    if cfg.keep == "best" and (ckpt_dir / "best.pt").exists():
         net.load_state_dict(torch.load(ckpt_dir / "best.pt", weights_only=True)["net"])
     net.eval()
     model_config["training"]["history"] = history

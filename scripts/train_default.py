@@ -47,7 +47,7 @@ def left_half(name: str, folder: Path) -> Pair:
 
 def real_pairs(data: Path) -> tuple[list[Pair], list[Pair], list[float]]:
     pairs, weights = [], []
-    for name, w in (("insta-iss", 0.2), ("insta-beads", 0.15)):
+    for name, w in (("insta-iss", 0.15), ("insta-beads", 0.1)):
         folder = data / "real" / name
         if folder.is_dir():
             pairs.append(left_half(f"{name}-left", folder))
@@ -67,7 +67,7 @@ def real_pairs(data: Path) -> tuple[list[Pair], list[Pair], list[float]]:
             val.append(p)
         else:
             pairs.append(p)
-            weights.append(0.65 / max(1, len(semi) - 2))
+            weights.append(0.75 / max(1, len(semi) - 2))
     return pairs, val, weights
 
 
@@ -95,6 +95,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", default=None, help="model folder to continue from")
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--synthetic-fraction", type=float, default=0.5)
+    ap.add_argument("--keep", choices=["best", "last"], default="best")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
@@ -113,8 +115,9 @@ def main(argv=None) -> int:
         batch_size=args.batch,
         crop=args.crop,
         seed=args.seed,
-        synthetic_fraction=0.5,
+        synthetic_fraction=args.synthetic_fraction,
         lr=args.lr,
+        keep=args.keep,
         extra={"pair_weights": weights},
     )
     out = Path(args.output)
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
             )
 
     description = (
-        "Synthetic images from piscis.synth (half of every batch), and the training parts "
+        "Synthetic images from piscis.synth (a share of every batch), and the training parts "
         "of ../shared/data: the left halves of real/insta-iss and real/insta-beads, and 10 of "
         "the 12 semisynthetic/insta cells_* images (2 held out for validation, with 8 "
         "synthetic images). Never real/insta-smfish, the right halves, nor the tissue_* images."

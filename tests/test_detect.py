@@ -154,14 +154,18 @@ def test_integer_dtypes_agree_and_floats_are_close(default):
 def test_nan_pixels_are_ignored(default):
     rng = np.random.default_rng(5)
     img, truth = spot_image(rng, (256, 256), n_spots=20, amp=300, dtype=np.float32)
-    far = np.all(np.abs(truth - 107) > 14, axis=1) & (truth[:, 0] > 3)
     img[0] = np.nan
     img[100:116, 100:116] = np.nan
     img[50, 200], img[200, 50] = np.inf, -np.inf
     spots = detect(img, default)
     assert np.all(np.isfinite(spots.coords))
-    assert _recall(spots.coords, truth[far]) >= 0.95
-    assert len(spots) <= far.sum() + 1
+    # Spots whose centre pixel is finite are found; nothing appears elsewhere
+    # (no spurious spots at the edges of the NaN block).
+    pix = np.round(truth).astype(int)
+    visible = np.isfinite(img[pix[:, 0], pix[:, 1]])
+    assert _recall(spots.coords, truth[visible]) >= 0.95
+    pi, _ = match(spots.coords, truth, 1.5)
+    assert len(spots) - len(pi) <= 1
     assert len(detect(np.full((64, 64), np.nan, np.float32), default)) == 0
 
 

@@ -186,11 +186,13 @@ class AnnotateWidget(QWidget):
         return self._planes[key]
 
     def _on_points_data(self, event):
+        layer = event.source
+        if getattr(event, "action", None) in (ActionType.ADDED, ActionType.REMOVED):
+            self.status.setText(f"{layer.name}: {len(layer.data)} points")
         if self._snapping or not self.snap.isChecked():
             return
         if getattr(event, "action", None) != ActionType.ADDED:
             return
-        layer = event.source
         image = self._image_for(layer)
         if image is None:
             return
@@ -234,7 +236,12 @@ class AnnotateWidget(QWidget):
             region = _layers.region_mask(self.region.layer(), image, plane.shape)
             name = self.name.text().strip() or pair_name(image.name)
             paths = save_training_pair(
-                self.folder.text(), name, plane, coords, region, overwrite=self.overwrite.isChecked()
+                self.folder.text(),
+                name,
+                plane,
+                coords,
+                region,
+                overwrite=self.overwrite.isChecked(),
             )
         except (ValueError, OSError, TypeError) as e:
             msg = f"piscis: not saved: {e}"

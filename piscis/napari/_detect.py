@@ -35,6 +35,7 @@ class DetectWidget(QWidget):
         self._pbar = None
         self._result: dict | None = None  # candidates, points layer, image layer
         self.last_update_s = float("nan")  # seconds of the last re-threshold
+        self.result_shown = (float("nan"), float("nan"))  # perf_counter span of showing it
 
         self.image = LayerCombo(napari_viewer, (Image,))
         self.axes = QComboBox()
@@ -90,7 +91,9 @@ class DetectWidget(QWidget):
         self.axes.blockSignals(True)
         self.axes.clear()
         if layer is not None:
-            self.axes.addItems(axes_choices(_layers.layer_shape(layer), getattr(layer, "rgb", False)))
+            self.axes.addItems(
+                axes_choices(_layers.layer_shape(layer), getattr(layer, "rgb", False))
+            )
         self.axes.blockSignals(False)
         self._on_axes_changed()
 
@@ -145,7 +148,9 @@ class DetectWidget(QWidget):
             from ..io import load_model
 
             model = load_model(model_path)
-            maps, _ = predict_maps(img, model, scale=scale, progress=lambda d, t: relay.progressed.emit((d, t)))
+            maps, _ = predict_maps(
+                img, model, scale=scale, progress=lambda d, t: relay.progressed.emit((d, t))
+            )
             relay.progressed.emit(("decode", 0))
             return SpotCandidates.from_maps(maps, img), model.threshold, model.name
 
@@ -183,11 +188,22 @@ class DetectWidget(QWidget):
         self.run_button.setEnabled(True)
 
     def _on_result(self, result, image_layer, shape):
+        t0 = time.perf_counter()
+        try:
+            self._show_result(result, image_layer, shape)
+        finally:
+            self.result_shown = (t0, time.perf_counter())
+
+    def _show_result(self, result, image_layer, shape):
         cands, threshold, model_name = result
         name = f"{image_layer.name} spots"
         points = None
         for ly in self.viewer.layers:
-            if isinstance(ly, Points) and ly.name == name and _layers.meta(ly).get("role") == "detections":
+            if (
+                isinstance(ly, Points)
+                and ly.name == name
+                and _layers.meta(ly).get("role") == "detections"
+            ):
                 points = ly
         if points is None:
             points = self.viewer.add_points(

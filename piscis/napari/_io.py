@@ -161,7 +161,9 @@ def load_sample(key: str) -> list:
     layers = [(data, {"name": key}, "image")]
     labels = path.with_name(path.stem + ".labels.tif")
     if labels.exists():
-        layers.append((tifffile.imread(labels).astype(np.int32), {"name": f"{key} labels"}, "labels"))
+        layers.append(
+            (tifffile.imread(labels).astype(np.int32), {"name": f"{key} labels"}, "labels")
+        )
     return layers
 
 

@@ -8,6 +8,7 @@ two axes are honoured (no rotation, shear or affine).
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd  # here, not at the first result: its import takes a noticeable moment
 
 from ..annotate import axes_choices, plane
 
@@ -118,8 +119,6 @@ def spots_features(spots, n: int | None = None) -> dict[str, np.ndarray]:
 
 def set_points(layer, coords, features: dict) -> None:
     """Replace a Points layer's points and features in one go, colours refreshed."""
-    import pandas as pd
-
     coords = np.asarray(coords, float).reshape(-1, 2)
     layer.selected_data = set()
     layer.data = coords

@@ -45,7 +45,11 @@ class _Item(QTableWidgetItem):
     """A table cell that sorts by number (None last)."""
 
     def __init__(self, value):
-        text = "" if value is None else (str(int(value)) if isinstance(value, (bool, np.bool_)) else str(value))
+        text = (
+            ""
+            if value is None
+            else (str(int(value)) if isinstance(value, (bool, np.bool_)) else str(value))
+        )
         super().__init__(text)
         self.value = value
         self.setFlags(self.flags() & ~Qt.ItemIsEditable)
@@ -90,6 +94,7 @@ class ReviewWidget(QWidget):
         self.table.setSelectionMode(QAbstractItemView.SingleSelection)
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setStretchLastSection(True)
+        self.table.setMinimumHeight(200)
         self.export_path = QLineEdit(str(Path.cwd() / "cells.csv"))
         self.export_browse = QPushButton("...")
         self.export_button = QPushButton("Export cells.csv")
@@ -164,8 +169,11 @@ class ReviewWidget(QWidget):
     def _on_segmented(self, result, layer):
         nuclei, cells = result
         kw = _layers.aligned_kwargs(layer)
-        nl = self.viewer.add_labels(nuclei, name=f"{layer.name} nuclei", opacity=0.3, visible=False, **kw)
+        nl = self.viewer.add_labels(
+            nuclei, name=f"{layer.name} nuclei", opacity=0.3, visible=False, **kw
+        )
         cl = self.viewer.add_labels(cells, name=f"{layer.name} cells", opacity=0.45, **kw)
+        _below_points(self.viewer, [nl, cl])
         self.nuclei.set_layer(nl)
         self.cells.set_layer(cl)
         self.status.setText(f"{int(nuclei.max())} nuclei, {len(np.unique(cells)) - 1} cells")
@@ -185,7 +193,11 @@ class ReviewWidget(QWidget):
         try:
             cells = None if cells_l is None else _labels_2d(cells_l)
             nuclei = None if nuclei_l is None else _labels_2d(nuclei_l)
-            coords = _layers.to_pixels(points.data, points, ref) if len(points.data) else np.zeros((0, 2))
+            coords = (
+                _layers.to_pixels(points.data, points, ref)
+                if len(points.data)
+                else np.zeros((0, 2))
+            )
             cell_id, in_nucleus, rows = spots_per_cell(coords, cells, nuclei)
         except ValueError as e:
             notify_error(f"piscis: {e}")
@@ -268,7 +280,9 @@ class ReviewWidget(QWidget):
     # ------------------------------------------------------------------ export
 
     def _browse(self):
-        p, _ = QFileDialog.getSaveFileName(self, "cells.csv", self.export_path.text(), "CSV (*.csv)")
+        p, _ = QFileDialog.getSaveFileName(
+            self, "cells.csv", self.export_path.text(), "CSV (*.csv)"
+        )
         if p:
             self.export_path.setText(p)
 
@@ -298,3 +312,14 @@ def _labels_2d(layer) -> np.ndarray:
     if data.ndim != 2:
         raise ValueError(f"{layer.name}: label layers must be 2D (Y, X), got shape {data.shape}")
     return data
+
+
+def _below_points(viewer, layers) -> None:
+    """Move label layers under the lowest Points layer, so the spots stay visible."""
+    idx = [i for i, ly in enumerate(viewer.layers) if isinstance(ly, Points)]
+    if not idx:
+        return
+    for ly in layers:
+        i = viewer.layers.index(ly)
+        if i > idx[0]:
+            viewer.layers.move(i, idx[0])

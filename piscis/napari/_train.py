@@ -94,6 +94,7 @@ class TrainWidget(QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.plot = TrainingPlot(self)
+        self.plot.setMinimumHeight(240)
         self.status = status_label()
 
         form = QFormLayout()
@@ -139,7 +140,10 @@ class TrainWidget(QWidget):
     # ------------------------------------------------------------------ inputs
 
     def refresh_layers(self, *_):
-        checked = {self.layers.item(i).text(): self.layers.item(i).checkState() for i in range(self.layers.count())}
+        checked = {
+            self.layers.item(i).text(): self.layers.item(i).checkState()
+            for i in range(self.layers.count())
+        }
         self.layers.clear()
         for ly in self.viewer.layers:
             if isinstance(ly, Points) and _layers.meta(ly).get("role") == "annotation":
@@ -174,16 +178,22 @@ class TrainWidget(QWidget):
                 continue
             ann = self.viewer.layers[item.text()]
             md = _layers.meta(ann)
-            image = self.viewer.layers[md["image"]] if md.get("image") in self.viewer.layers else None
+            image = (
+                self.viewer.layers[md["image"]] if md.get("image") in self.viewer.layers else None
+            )
             if not isinstance(image, Image):
-                raise ValueError(f"{ann.name}: its image layer {md.get('image')!r} is not in the viewer")
+                raise ValueError(
+                    f"{ann.name}: its image layer {md.get('image')!r} is not in the viewer"
+                )
             plane = _layers.layer_plane(image)
             coords = _layers.to_pixels(ann.data, ann, image) if len(ann.data) else None
             if coords is None:
                 import numpy as np
 
                 coords = np.zeros((0, 2))
-            region_layer = self.viewer.layers[md["region"]] if md.get("region") in self.viewer.layers else None
+            region_layer = (
+                self.viewer.layers[md["region"]] if md.get("region") in self.viewer.layers else None
+            )
             region = _layers.region_mask(region_layer, image, plane.shape)
             pairs.append(Pair(ann.name, plane, coords, region))
         return pairs
