@@ -36,6 +36,7 @@ class DetectWidget(QWidget):
         self._result: dict | None = None  # candidates, points layer, image layer
         self.last_update_s = float("nan")  # seconds of the last re-threshold
         self.result_shown = (float("nan"), float("nan"))  # perf_counter span of showing it
+        self.run_returned = float("nan")  # when the Detect click handed the work to the worker
 
         self.image = LayerCombo(napari_viewer, (Image,))
         self.axes = QComboBox()
@@ -163,6 +164,7 @@ class DetectWidget(QWidget):
         worker.finished.connect(self._on_finished)
         self._worker = worker
         worker.start()
+        self.run_returned = time.perf_counter()
 
     def _on_progress(self, info):
         if self._pbar is None:
