@@ -17,6 +17,10 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "count_spots", "detect_spots", "load_model", "read_image"]
 
 
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
 def __getattr__(name):
     # Lazy: `import piscis` stays light; torch loads on first use.
     if name == "detect_spots":

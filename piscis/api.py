@@ -73,6 +73,7 @@ def count_spots(
     min_nucleus_area: float | None = None,
     expand: float = 15,
     tile_size: int | None = None,
+    min_snr: float | None = None,
     name: str = "image",
     return_masks: bool = False,
     **segmentation_kwargs,
@@ -112,6 +113,8 @@ def count_spots(
         0: the nuclei are the cells).
     tile_size : int, optional
         Tile size of the detector (default its own).
+    min_snr : float, optional
+        Significance floor of the detector (default the model's own).
     name : str
         How messages name the image (e.g. its file name).
     return_masks : bool
@@ -173,7 +176,9 @@ def count_spots(
         cells = segment_cells(nuclei, cytoplasm=cytoplasm_image, expand=expand, **cell_kw)
 
     options = {} if tile_size is None else {"tile_size": tile_size}
-    spots = detect(image, model=model, threshold=threshold, scale=scale, name=name, **options)
+    spots = detect(
+        image, model=model, threshold=threshold, scale=scale, name=name, min_snr=min_snr, **options
+    )
     if len(spots) == 0:
         logger.warning("%s: no spots detected", name)
     table = dict(spots.columns())

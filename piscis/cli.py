@@ -165,6 +165,7 @@ def _count_one(path: Path, args, model, masks: dict):
         threshold=args.threshold,
         scale=args.scale,
         tile_size=args.tile_size,
+        min_snr=args.min_snr,
         name=str(path),
         return_masks=True,
         **seg,
@@ -440,9 +441,10 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         # A run where every image failed leaves no summary, so it can simply be re-run.
         write_tables()
     dt = time.time() - t0
-    logger.info(
-        "%d image(s), %d spots in %.1f s; results in %s", len(rows), n_total, dt, args.output
-    )
+    if rows:
+        logger.info(
+            "%d image(s), %d spots in %.1f s; results in %s", len(rows), n_total, dt, args.output
+        )
     if failures:
         logger.error("%d input(s) failed:", len(failures))
         for item, why in failures:
@@ -507,7 +509,7 @@ def cmd_train(args) -> int:
             bar.n = info["step"]
             bar.set_postfix(loss=f"{info['loss']:.3f}")
             bar.refresh()
-        elif "epoch_done" in info:
+        elif "epoch_done" in info and not args.quiet:
             rec = info["record"]
             val = rec.get("val", {})
             tqdm.write(
@@ -632,6 +634,13 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="tile core size in pixels; memory is bounded by it (default 1024)",
     )
+    p.add_argument(
+        "--min-snr",
+        type=float,
+        default=None,
+        help="drop spots whose matched-filter signal-to-noise ratio is below this "
+        "(default: the model's own, 5; 0 keeps every spot above the threshold)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing results")
 
 
@@ -748,26 +757,43 @@ def build_parser() -> argparse.ArgumentParser:
         "train", parents=[common], help="train or fine-tune a model on image + CSV pairs"
     )
     p.add_argument("data", help="folder of NAME.tif/.png + NAME.csv (+ NAME.mask.tif) pairs")
-    p.add_argument("-o", "--output", required=True, help="new model folder (never overwritten)")
-    p.add_argument("--init", default=None, help="model to start from (name or folder)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--steps", type=int, default=100, help="steps per epoch")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--crop", type=int, default=96)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="new model folder (an existing one is refused unless --overwrite)",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="model to fine-tune (name or folder), e.g. 'default'; without it the network "
+        "starts from random weights and needs far more data and epochs",
+    )
+    p.add_argument("--epochs", type=int, default=10, help="epochs (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="steps per epoch (default 100)")
+    p.add_argument("--batch", type=int, default=16, help="crops per step (default 16)")
+    p.add_argument("--crop", type=int, default=96, help="crop size in pixels (default 96)")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate (default 2e-3)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="share of the pairs held out for validation (default 0.2)",
+    )
     p.add_argument(
         "--synthetic-fraction",
         type=float,
         default=0.3,
-        help="share of each batch drawn from the synthetic generator",
+        help="share of each batch drawn from the synthetic generator (default 0.3)",
     )
-    p.add_argument("--channel", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--channel", type=int, default=None, help="channel of multi-channel training images"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=int, default=1, help="processes drawing training crops")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 cores)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

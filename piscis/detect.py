@@ -300,14 +300,16 @@ def vote_pool_np(value: np.ndarray, disp: np.ndarray) -> np.ndarray:
     3x3 neighbourhood; p keeps the largest value it receives.
     """
     h, w = value.shape
-    off = np.rint(disp).astype(np.int64)
-    qy, qx = np.mgrid[:h, :w]
-    py, px = qy + off[0], qx + off[1]
-    ok = (np.abs(off[0]) <= 1) & (np.abs(off[1]) <= 1) & (py >= 0) & (py < h) & (px >= 0)
-    ok &= px < w
-    pooled = np.full(h * w, -np.inf, dtype=np.float32)
-    np.maximum.at(pooled, (py[ok] * w + px[ok]), value[ok])
-    return pooled.reshape(h, w)
+    oy, ox = np.rint(disp[0]), np.rint(disp[1])
+    pooled = np.full((h, w), -np.inf, dtype=np.float32)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            cand = np.where((oy == dy) & (ox == dx), value, -np.inf).astype(np.float32)
+            # The value at q goes to p = q + (dy, dx).
+            src = cand[max(0, -dy) : h - max(0, dy), max(0, -dx) : w - max(0, dx)]
+            dst = pooled[max(0, dy) : h + min(0, dy), max(0, dx) : w + min(0, dx)]
+            np.maximum(dst, src, out=dst)
+    return pooled
 
 
 def _vote_mean(pix, logit, disp, fallback) -> np.ndarray:

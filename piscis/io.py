@@ -220,7 +220,8 @@ def _read_png(path: Path):
             warnings.simplefilter("ignore")
             data = np.asarray(skio.imread(path))
     except Exception as e:
-        raise InputError(f"{path}: not a readable PNG ({type(e).__name__}: {e})") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a readable PNG ({first})") from None
     if data.ndim == 3 and data.shape[-1] == 2 and _is_alpha(data[..., 1]):
         data = data[..., 0]  # grey + alpha (PNG colour type 4) with an opaque alpha
     axes = {2: "YX", 3: "YXS"}.get(data.ndim, "")
@@ -280,8 +281,12 @@ def to_plane(
         for i, a in enumerate(axes):
             if a in "QI" and data.shape[i] <= 8:
                 axes = axes[:i] + "C" + axes[i + 1 :]
-                logger.info("%s: axis %d of size %d read as channels (--channel given)",
-                            name, i, data.shape[i])
+                logger.info(
+                    "%s: axis %d of size %d read as channels (--channel given)",
+                    name,
+                    i,
+                    data.shape[i],
+                )
                 break
     axes = "".join("Z" if a in "QI" else a for a in axes)
     if "Y" not in axes or "X" not in axes or len(set(axes)) != len(axes):
@@ -492,7 +497,7 @@ def model_dir(name_or_dir: str | os.PathLike | None) -> Path:
         return cand
     known = []
     if MODELS_DIR.is_dir():
-        known = sorted(d.name for d in MODELS_DIR.iterdir() if d.is_dir())
+        known = sorted(d.name for d in MODELS_DIR.iterdir() if (d / "config.json").is_file())
     raise InputError(
         f"{name_or_dir}: no such model folder; shipped models: {', '.join(known) or 'none'}"
     )
@@ -552,6 +557,7 @@ def save_model(net, config: dict, folder: str | Path, card: str, overwrite: bool
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes the folder private (0700)
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
+        os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
         if folder.exists():

@@ -456,8 +456,9 @@ BASELINES: dict[str, Baseline] = {
             "U-FISH pretrained",
             ufish,
             {"threshold": 0.5},
-            lambda image: _grid(threshold=[round(0.05 * i, 2) for i in range(1, 21)]
-                                + [1.1, 1.25, 1.5, 1.75, 2.0]),
+            lambda image: _grid(
+                threshold=[round(0.05 * i, 2) for i in range(1, 21)] + [1.1, 1.25, 1.5, 1.75, 2.0]
+            ),
             requires=("ufish", "onnxruntime", "loguru"),
         ),
     ]
@@ -552,8 +553,9 @@ def tune(
             if best is None or val > best[0]:
                 best = (val, params)
         (f1i, f13), params = best
-        logger.info("%s: best of %d settings %s (f1_int %.3f, f1@3 %.3f)",
-                    key, len(grid), params, f1i, f13)
+        logger.info(
+            "%s: best of %d settings %s (f1_int %.3f, f1@3 %.3f)", key, len(grid), params, f1i, f13
+        )
         tuned[key] = {
             "params": _jsonable(params),
             "f1_int": round(f1i, 4),

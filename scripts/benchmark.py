@@ -277,8 +277,11 @@ def baseline_methods(keys: list[tuple[str, list[str]]], tuned: dict) -> list[Met
             if params is None:
                 logger.warning("skipping %s dev-tuned: not tuned (run with --retune)", key)
                 continue
-            shown = ", ".join(f"{k} {_fmt_param(k, v)}" for k, v in params.items()
-                              if k not in ("voxel_size", "subpixel"))
+            shown = ", ".join(
+                f"{k} {_fmt_param(k, v)}"
+                for k, v in params.items()
+                if k not in ("voxel_size", "subpixel")
+            )
             name = "default" if setting == "default" else "dev-tuned"
             label = f"{b.label}, {name} ({shown})"
             ident = json.dumps([b.fn.__name__, params], sort_keys=True)
@@ -293,7 +296,11 @@ def baseline_methods(keys: list[tuple[str, list[str]]], tuned: dict) -> list[Met
                     memory_cmd=[
                         sys.executable,
                         str(Path(baselines.__file__).resolve()),
-                        "run", key, setting, "{image}", "{out}/spots.csv",
+                        "run",
+                        key,
+                        setting,
+                        "{image}",
+                        "{out}/spots.csv",
                     ],
                     noise_fn=noise_fn,
                     copy_of=seen.get(ident),
@@ -348,8 +355,7 @@ def pipeline_speed(method: Method, tif: Path, workdir: Path) -> float:
     t0 = time.perf_counter()
     image = tifffile.imread(tif)
     coords = method.fn(image)
-    np.savetxt(workdir / "speed.csv", coords, delimiter=",", header="y,x", comments="",
-               fmt="%.3f")
+    np.savetxt(workdir / "speed.csv", coords, delimiter=",", header="y,x", comments="", fmt="%.3f")
     wall = time.perf_counter() - t0
     return image.size / 1e6 / wall
 
@@ -380,7 +386,11 @@ def peak_memory_mb(cmd: list[str], timeout: float, cap_mb: float = 0.0) -> float
     try:
         proc = subprocess.run(
             [sys.executable, "-c", _RSS_WRAPPER, str(cap), *cmd],
-            capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         logger.warning("  memory run timed out after %.0f s", timeout)
@@ -392,10 +402,16 @@ def peak_memory_mb(cmd: list[str], timeout: float, cap_mb: float = 0.0) -> float
     if proc.returncode == 0 and rc == "0":
         return int(kb) / 1024.0
     err = proc.stderr.strip()
-    if cap and ("MemoryError" in err or "bad_alloc" in err or "Failed to allocate" in err
-                or "Cannot allocate memory" in err or rc.startswith("-")):
-        logger.warning("  memory run failed under the %.0f MB cap (exit %s): %s",
-                       cap_mb, rc, err[-300:])
+    if cap and (
+        "MemoryError" in err
+        or "bad_alloc" in err
+        or "Failed to allocate" in err
+        or "Cannot allocate memory" in err
+        or rc.startswith("-")
+    ):
+        logger.warning(
+            "  memory run failed under the %.0f MB cap (exit %s): %s", cap_mb, rc, err[-300:]
+        )
         return f"> {cap_mb:.0f}"
     logger.warning("  memory run failed (exit %s): %s", rc, err[-500:])
     return None
@@ -444,31 +460,33 @@ def make_table(results: list[tuple[str, dict]]) -> str:
 def notes(args, tuned: dict) -> str:
     """Conditions of the run, for ``benchmark_results.md``."""
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    return "\n".join([
-        f"Measured on {date.today().isoformat()} with `scripts/benchmark.py`, "
-        f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={threads}.",
-        "",
-        "- Scores on the reporting parts only: `real/insta-smfish` whole, the right half "
-        "(x >= width//2) of `real/insta-iss` and `real/insta-beads`, the mean over the 9 "
-        "`semisynthetic/insta` `tissue_*` images. `f1_int`: F1 integrated over 0-3 px; "
-        "`f1@3`: F1 within 3 px (Hungarian one-to-one matching, `piscis.metrics`).",
-        "- Noise: false spots per megapixel, mean over three spot-free 512x512 uint16 images "
-        "(Poisson 100 + read noise sd 5, seeds 0, 1, 2); spots per image in brackets.",
-        "- Mpx/s: 2048x2048 uint16 TIFF (spotiflow `img_terra_2d.tif` tiled 2x2): read, "
-        "detect, write a CSV, in-process after a warm-up; model loading not counted. "
-        "Peak memory: peak RSS of a fresh process detecting spots in a 4096x4096 TIFF "
-        "(tiled 4x4): `python -m piscis count` for piscis, `scripts/baselines.py run` "
-        "for the baselines, under an address-space cap (`--memory-cap-mb`, "
-        f"{args.memory_cap_mb:.0f} MB): `> N` means the run failed under it; a dash, that it "
-        "was skipped as slower than `--memory-max-s`.",
-        f"- *default*: as shipped; *dev-tuned*: the best integrated F1 of a 20-45 setting grid "
-        f"on `{baselines.TUNING_DATASET}`, then fixed for every image "
-        f"(`scripts/baselines_tuned.json`). blob_log, trackpy and the LoG reference see each "
-        f"image rescaled to its 1st-99.8th percentile; Big-FISH gets the image in its own "
-        f"dtype, and its dev-tuned `threshold_factor` multiplies its automatic threshold "
-        f"on each image; U-FISH uses the ONNX model shipped in its wheel, on the whole image at "
-        f"once.",
-    ])
+    return "\n".join(
+        [
+            f"Measured on {date.today().isoformat()} with `scripts/benchmark.py`, "
+            f"{os.cpu_count()} CPU cores, OMP_NUM_THREADS={threads}.",
+            "",
+            "- Scores on the reporting parts only: `real/insta-smfish` whole, the right half "
+            "(x >= width//2) of `real/insta-iss` and `real/insta-beads`, the mean over the 9 "
+            "`semisynthetic/insta` `tissue_*` images. `f1_int`: F1 integrated over 0-3 px; "
+            "`f1@3`: F1 within 3 px (Hungarian one-to-one matching, `piscis.metrics`).",
+            "- Noise: false spots per megapixel, mean over three spot-free 512x512 uint16 images "
+            "(Poisson 100 + read noise sd 5, seeds 0, 1, 2); spots per image in brackets.",
+            "- Mpx/s: 2048x2048 uint16 TIFF (spotiflow `img_terra_2d.tif` tiled 2x2): read, "
+            "detect, write a CSV, in-process after a warm-up; model loading not counted. "
+            "Peak memory: peak RSS of a fresh process detecting spots in a 4096x4096 TIFF "
+            "(tiled 4x4): `python -m piscis count` for piscis, `scripts/baselines.py run` "
+            "for the baselines, under an address-space cap (`--memory-cap-mb`, "
+            f"{args.memory_cap_mb:.0f} MB): `> N` means the run failed under it; a dash, that it "
+            "was skipped as slower than `--memory-max-s`.",
+            f"- *default*: as shipped; *dev-tuned*: the best integrated F1 of a 20-45 setting grid "
+            f"on `{baselines.TUNING_DATASET}`, then fixed for every image "
+            f"(`scripts/baselines_tuned.json`). blob_log, trackpy and the LoG reference see each "
+            f"image rescaled to its 1st-99.8th percentile; Big-FISH gets the image in its own "
+            f"dtype, and its dev-tuned `threshold_factor` multiplies its automatic threshold "
+            f"on each image; U-FISH uses the ONNX model shipped in its wheel, on the whole image "
+            f"at once.",
+        ]
+    )
 
 
 # --------------------------------------------------------------------------
@@ -537,30 +555,55 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="the shared/data folder (default: %(default)s)")
-    parser.add_argument("--only", help="comma-separated methods: piscis,"
-                        + ",".join(baselines.BASELINES)
-                        + " (a baseline may end in :default or :tuned)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
+        help="the shared/data folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--only",
+        help="comma-separated methods: piscis,"
+        + ",".join(baselines.BASELINES)
+        + " (a baseline may end in :default or :tuned)",
+    )
     parser.add_argument("--quick", action="store_true", help="skip speed and memory")
-    parser.add_argument("--iss-scale", type=float, default=1.0,
-                        help="also a piscis row with this scale on ISS (default 1.0: no row)")
-    parser.add_argument("--model", default="default",
-                        help="piscis model: a shipped name or a model folder (default: default)")
-    parser.add_argument("--retune", action="store_true",
-                        help="redo the baselines' grid search on real/insta-smfish")
-    parser.add_argument("--memory-max-s", type=float, default=90.0,
-                        help="skip a peak-memory run expected to take longer "
-                        "(4x the 2048x2048 time; default %(default)s s)")
-    parser.add_argument("--memory-cap-mb", type=float, default=8192.0,
-                        help="address-space cap of a peak-memory run, MB (0: none; "
-                        "default %(default)s)")
+    parser.add_argument(
+        "--iss-scale",
+        type=float,
+        default=1.0,
+        help="also a piscis row with this scale on ISS (default 1.0: no row)",
+    )
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="piscis model: a shipped name or a model folder (default: default)",
+    )
+    parser.add_argument(
+        "--retune", action="store_true", help="redo the baselines' grid search on real/insta-smfish"
+    )
+    parser.add_argument(
+        "--memory-max-s",
+        type=float,
+        default=90.0,
+        help="skip a peak-memory run expected to take longer "
+        "(4x the 2048x2048 time; default %(default)s s)",
+    )
+    parser.add_argument(
+        "--memory-cap-mb",
+        type=float,
+        default=8192.0,
+        help="address-space cap of a peak-memory run, MB (0: none; default %(default)s)",
+    )
     parser.add_argument("--write", action="store_true", help=f"also write {RESULTS_MD.name}")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
     for noisy in ("PIL", "matplotlib", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -569,8 +612,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # dev tuning: once, or again with --retune
     tuned = baselines.load_tuned()
-    tune_keys = [k for k, s in keys if "tuned" in s and baselines.BASELINES[k].grid is not None
-                 and (args.retune or k not in tuned)]
+    tune_keys = [
+        k
+        for k, s in keys
+        if "tuned" in s
+        and baselines.BASELINES[k].grid is not None
+        and (args.retune or k not in tuned)
+    ]
     for k, s in keys:  # a key tuned through another one (bigfish_subpixel -> bigfish)
         src = baselines.BASELINES[k].tuned_from
         if "tuned" in s and src and (args.retune or src not in tuned) and src not in tune_keys:
@@ -610,8 +658,11 @@ def main(argv: list[str] | None = None) -> int:
                     logger.info("  same settings as %r: results copied", m.copy_of)
                     res = dict(results[m.copy_of])
                 elif m.reuse:
-                    res = {k: v for k, v in results[m.reuse].items()
-                           if k in DATASETS and k not in m.scales}
+                    res = {
+                        k: v
+                        for k, v in results[m.reuse].items()
+                        if k in DATASETS and k not in m.scales
+                    }
                     res.update(evaluate(m, {k: v for k, v in datasets.items() if k in m.scales}))
                 else:
                     res.update(evaluate(m, datasets))
