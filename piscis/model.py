@@ -73,8 +73,35 @@ class SpotNet(nn.Module):
         x = skips.pop()
         for dec in self.decoders:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-            x = dec(torch.cat([x, skips.pop()], dim=1))
+            skip = skips.pop()
+            if isinstance(dec[0], SplitConv):  # fused for inference: no concatenation
+                x = dec[1:](dec[0](x, skip))
+            else:
+                x = dec(torch.cat([x, skip], dim=1))
         return self.head(x)
+
+
+class SplitConv(nn.Module):
+    """conv(cat(a, b)) computed as conv_a(a) + conv_b(b): the same result
+    without copying both inputs into one tensor (faster on a CPU)."""
+
+    def __init__(self, conv: nn.Conv2d, n_a: int):
+        super().__init__()
+        self.conv_a = nn.Conv2d(n_a, conv.out_channels, conv.kernel_size, padding=conv.padding)
+        self.conv_b = nn.Conv2d(
+            conv.in_channels - n_a,
+            conv.out_channels,
+            conv.kernel_size,
+            padding=conv.padding,
+            bias=False,
+        )
+        with torch.no_grad():
+            self.conv_a.weight.copy_(conv.weight[:, :n_a])
+            self.conv_b.weight.copy_(conv.weight[:, n_a:])
+            self.conv_a.bias.copy_(conv.bias)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.conv_a(a) + self.conv_b(b)
 
 
 def receptive_margin(channels: tuple[int, ...]) -> int:
@@ -121,4 +148,9 @@ def fuse_batchnorm(model: SpotNet) -> SpotNet:
         seq._modules.clear()
         for j, layer in enumerate(fused):
             seq.add_module(str(j), layer)
+    # The first convolution of each decoder block takes (upsampled, skip).
+    for k, dec in enumerate(model.decoders):
+        n_up = model.channels[len(model.channels) - 1 - k]
+        if isinstance(dec[0], nn.Conv2d):
+            dec._modules["0"] = SplitConv(dec[0], n_up)
     return model.eval()

@@ -190,3 +190,19 @@ def test_numpy_vote_pool_matches_the_training_one():
         0
     ].numpy()
     np.testing.assert_array_equal(vote_pool_np(logit, disp), ref)
+
+
+def test_fused_inference_network_equals_the_training_one():
+    torch.manual_seed(1)
+    net = SpotNet((4, 8, 16)).eval()
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-1, 1)
+            mod.running_var.uniform_(0.5, 2)
+            mod.weight.data.uniform_(0.5, 2)
+            mod.bias.data.uniform_(-1, 1)
+    x = torch.randn(2, 1, 32, 48)
+    with torch.no_grad():
+        ref = net(x)
+        fused = fuse_batchnorm(net)(x)
+    assert torch.allclose(ref, fused, atol=1e-4)

@@ -112,8 +112,8 @@ def _shot(viewer, qtbot, tmp_path, name):
 def _click(viewer, qtbot, world_yx):
     """A real left click on the canvas at a world position (y, x)."""
     native = viewer.window._qt_viewer.canvas.native
-    cy, cx = viewer.camera.center[-2:]
-    zoom = viewer.camera.zoom
+    cy, cx = _cam(viewer).center[-2:]
+    zoom = _cam(viewer).zoom
     x = (world_yx[1] - cx) * zoom + native.width() / 2
     y = (world_yx[0] - cy) * zoom + native.height() / 2
     qtbot.mouseClick(native, Qt.LeftButton, pos=QPoint(int(round(x)), int(round(y))))
@@ -134,6 +134,12 @@ def _assert_responsive(ticks, detect, elapsed=None):
     assert gaps.max() < 0.25, f"GUI blocked for {gaps.max():.2f} s during the detection"
     if elapsed is not None:
         assert gaps.max() < elapsed / 4
+
+
+def _cam(viewer):
+    from piscis.napari._layers import camera
+
+    return camera(viewer)
 
 
 def _truth(name):
@@ -159,6 +165,21 @@ def test_manifest_and_sample_data(make_napari_viewer):
     img, labels = viewer.layers
     assert img.data.shape == (512, 512) and labels.__class__.__name__ == "Labels"
     assert len(np.unique(labels.data)) - 1 == 125
+    # Every widget opens from the manifest, and once closed the viewer's events leave it alone.
+    from qtpy.QtWidgets import QApplication
+
+    docks = [
+        viewer.window.add_plugin_dock_widget("piscis", w.display_name)[0]
+        for w in mf.contributions.widgets
+    ]
+    for dock in docks:
+        viewer.window.remove_dock_widget(dock)
+    for _ in range(3):
+        QApplication.processEvents()
+        QApplication.sendPostedEvents(None, 0)  # runs the deleteLater of the docks
+    viewer.add_points(np.zeros((1, 2)), name="after closing")
+    img.name = "renamed"
+    viewer.layers.remove("after closing")
 
 
 def test_points_save_and_read_back_on_the_same_pixels(make_napari_viewer, tmp_path):
@@ -274,8 +295,8 @@ def test_workflow_detect_threshold_annotate_train_review_export(
     inside = truth[np.all((truth >= lo) & (truth <= hi), axis=1)]
     assert len(inside) >= 3
     offset = np.array([1.2, -0.9])
-    viewer.camera.center = tuple(inside.mean(0))
-    viewer.camera.zoom = 3.0
+    _cam(viewer).center = tuple(inside.mean(0))
+    _cam(viewer).zoom = 3.0
     for p in inside:
         _click(viewer, qtbot, p + offset)
     assert len(ann.data) == len(inside)
@@ -299,8 +320,8 @@ def test_workflow_detect_threshold_annotate_train_review_export(
     region = annotate.new_region_layer()
     region.add_rectangles(np.array([lo, hi]))
     points.visible = False  # the screenshot shows the annotations alone
-    viewer.camera.center = ((max(lo[0], 0) + hi[0]) / 2, (lo[1] + hi[1]) / 2)
-    viewer.camera.zoom = 600 / (hi[1] - lo[1])
+    _cam(viewer).center = ((max(lo[0], 0) + hi[0]) / 2, (lo[1] + hi[1]) / 2)
+    _cam(viewer).zoom = 600 / (hi[1] - lo[1])
     _shot(viewer, qtbot, tmp_path, "napari_annotate.png")
     points.visible = True
     viewer.reset_view()
@@ -373,7 +394,7 @@ def test_workflow_detect_threshold_annotate_train_review_export(
     rect = review.table.visualItemRect(review.table.item(0, 1))
     qtbot.mouseClick(review.table.viewport(), Qt.LeftButton, pos=rect.center())
     row = next(r for r in rows if r["cell_id"] == top)
-    np.testing.assert_allclose(viewer.camera.center[-2:], (row["centroid_y"], row["centroid_x"]))
+    np.testing.assert_allclose(_cam(viewer).center[-2:], (row["centroid_y"], row["centroid_x"]))
     assert cells_layer.selected_label == top
     assert points.selected_data == set(np.flatnonzero(points.features["cell_id"] == top).tolist())
     review.colour.setCurrentText("n_spots")
@@ -438,8 +459,8 @@ def test_detect_stays_responsive_and_colours_by_score(
     scores = np.asarray(points.features["score"])
     lo, hi = np.argmin(scores), np.argmax(scores)
     assert not np.allclose(colours[lo], colours[hi])  # coloured by score
-    viewer.camera.center = (256, 256)
-    viewer.camera.zoom = 1.5
+    _cam(viewer).center = (256, 256)
+    _cam(viewer).zoom = 1.5
     _shot(viewer, qtbot, tmp_path, "napari_detect.png")
 
 

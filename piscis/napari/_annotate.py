@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 
 from ..annotate import pair_name, save_training_pair, snap_to_peak
 from . import _layers
-from ._common import LayerCombo, notify_error, notify_info, status_label
+from ._common import LayerCombo, connect_until_destroyed, notify_error, notify_info, status_label
 
 WHOLE_IMAGE = "(whole image)"
 NOTHING = "(nothing)"
@@ -89,7 +89,7 @@ class AnnotateWidget(QWidget):
         self.folder_button.clicked.connect(self._browse)
         self.save_button.clicked.connect(self.save)
         self.region.currentIndexChanged.connect(self._remember_region)
-        napari_viewer.layers.events.inserted.connect(self._on_inserted)
+        connect_until_destroyed(self, [(napari_viewer.layers.events.inserted, self._on_inserted)])
         for ly in napari_viewer.layers:
             self._watch(ly)
 

@@ -64,6 +64,23 @@ class Relay(QObject):
     progressed = QtSignal(object)
 
 
+def connect_until_destroyed(widget, connections) -> None:
+    """Connect (emitter, callback) pairs, and disconnect them when ``widget`` goes,
+    so that a closed dock widget is not called by the viewer's events any more."""
+    connections = list(connections)
+    for emitter, callback in connections:
+        emitter.connect(callback)
+
+    def _drop(*_):
+        for emitter, callback in connections:
+            try:
+                emitter.disconnect(callback)
+            except (AttributeError, TypeError, ValueError, RuntimeError):
+                pass
+
+    widget.destroyed.connect(_drop)
+
+
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of some types, kept up to date."""
 
@@ -73,8 +90,10 @@ class LayerCombo(QComboBox):
         self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(12)
         ev = viewer.layers.events
-        for e in (ev.inserted, ev.removed, ev.moved):
-            e.connect(self.refresh)
+        refresh = self.refresh
+        connect_until_destroyed(self, [(e, refresh) for e in (ev.inserted, ev.removed, ev.moved)])
+        self._named: list = []  # weak references to the layers whose renaming refreshes us
+        self.destroyed.connect(lambda *_, named=self._named, f=refresh: _disconnect_names(named, f))
         self.refresh()
 
     def layers(self):
@@ -88,11 +107,9 @@ class LayerCombo(QComboBox):
             self.addItem(self.none_text)
         for ly in self.layers():
             self.addItem(ly.name)
-            try:
-                ly.events.name.disconnect(self.refresh)
-            except (TypeError, ValueError, RuntimeError):
-                pass
-            ly.events.name.connect(self.refresh)
+            if not any(ly is r() for r in self._named):
+                ly.events.name.connect(self.refresh)
+                self._named.append(weakref.ref(ly))
         idx = self.findText(current)
         if idx < 0 and self.count():
             idx = self.count() - 1 if self.none_text is None else 0
@@ -115,6 +132,14 @@ class LayerCombo(QComboBox):
             self.setCurrentIndex(idx)
 
 
+def _disconnect_names(refs, callback) -> None:
+    for ref in refs:
+        try:
+            ref().events.name.disconnect(callback)
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            pass  # the layer is gone already
+
+
 class ModelChooser(QWidget):
     """A list of model folders (shipped, user's, trained this session) and a
     "Browse..." button for any other folder."""
@@ -135,7 +160,7 @@ class ModelChooser(QWidget):
         lay.addWidget(self.combo, 1)
         lay.addWidget(self.browse)
         self.refresh()
-        state.models_changed.connect(self._on_models_changed)
+        connect_until_destroyed(self, [(state.models_changed, self._on_models_changed)])
 
     def _on_models_changed(self, path):
         self.refresh(select=path)

@@ -124,17 +124,13 @@ def write_points(path: str, data, attributes: dict) -> list[str]:
 
 
 def sample_dir() -> Path | None:
-    """``sample_data/``: shipped as ``piscis.sample_data`` or beside the package."""
-    try:
-        from importlib.resources import files
-
-        p = Path(str(files("piscis.sample_data")))
+    """``sample_data/``: inside the installed package (``piscis/sample_data``, when
+    the wheel ships it) or beside the package in a source checkout."""
+    here = Path(__file__).resolve().parents[1]  # the piscis package
+    for p in (here / "sample_data", here.parent / "sample_data"):
         if p.is_dir():
             return p
-    except (ModuleNotFoundError, TypeError):
-        pass
-    p = Path(__file__).resolve().parents[2] / "sample_data"
-    return p if p.is_dir() else None
+    return None
 
 
 SAMPLES = {

@@ -23,6 +23,12 @@ def meta(layer) -> dict:
     return md[ROLE]
 
 
+def camera(viewer):
+    """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 def yx_transform(layer) -> tuple[np.ndarray, np.ndarray]:
     """Scale and translate of the layer's last two axes."""
     return np.asarray(layer.scale[-2:], float), np.asarray(layer.translate[-2:], float)
@@ -36,8 +42,8 @@ def aligned_kwargs(image_layer) -> dict:
 
 def to_pixels(coords, layer, image_layer) -> np.ndarray:
     """Coordinates of ``layer`` (its data frame, last two axes) in the image's pixels."""
-    c = np.asarray(coords, float).reshape(-1, np.asarray(coords).shape[-1] if len(coords) else 2)
-    c = c[:, -2:]
+    c = np.asarray(coords, float)
+    c = c.reshape(-1, c.shape[-1] if c.ndim == 2 and c.shape[-1] else 2)[:, -2:]
     ls, lt = yx_transform(layer)
     s, t = yx_transform(image_layer)
     return (c * ls + lt - t) / s

@@ -245,7 +245,7 @@ class ReviewWidget(QWidget):
             return
         s, t = _layers.yx_transform(labels)
         centre = np.array([row["centroid_y"], row["centroid_x"]]) * s + t
-        self.viewer.camera.center = tuple(centre)
+        _layers.camera(self.viewer).center = tuple(centre)
         labels.selected_label = int(cell)
         points = self._context.get("points")
         if points is not None and points in self.viewer.layers:

@@ -30,20 +30,28 @@ from qtpy.QtWidgets import (
 
 from ..annotate import new_model_folder, split_for_validation, user_models_dir
 from . import _layers
-from ._common import ModelChooser, Relay, notify_error, notify_info, state_for, status_label
+from ._common import (
+    ModelChooser,
+    Relay,
+    connect_until_destroyed,
+    notify_error,
+    notify_info,
+    state_for,
+    status_label,
+)
 from ._plot import TrainingPlot
 
 # Defaults sized so that fine-tuning on one 512x512 image takes under 3 minutes on 2 cores
 # (scripts/bench_finetune.py measures it).
 DEFAULTS = {
-    "epochs": 4,
-    "steps": 40,
-    "lr": 5e-4,
+    "epochs": 6,
+    "steps": 50,
+    "lr": 1e-3,
     "lr_new": 2e-3,
     "val_share": 0.2,
     "batch": 8,
     "crop": 128,
-    "synthetic": 0.25,
+    "synthetic": 0.1,
 }
 
 
@@ -131,8 +139,7 @@ class TrainWidget(QWidget):
         self.out_button.clicked.connect(self._browse_out)
         self.init.combo.currentIndexChanged.connect(self._on_init_changed)
         ev = napari_viewer.layers.events
-        for e in (ev.inserted, ev.removed):
-            e.connect(self.refresh_layers)
+        connect_until_destroyed(self, [(e, self.refresh_layers) for e in (ev.inserted, ev.removed)])
         self.refresh_layers()
         if self.state.current_model is not None:
             self.init.refresh(select=self.state.current_model)
@@ -186,11 +193,7 @@ class TrainWidget(QWidget):
                     f"{ann.name}: its image layer {md.get('image')!r} is not in the viewer"
                 )
             plane = _layers.layer_plane(image)
-            coords = _layers.to_pixels(ann.data, ann, image) if len(ann.data) else None
-            if coords is None:
-                import numpy as np
-
-                coords = np.zeros((0, 2))
+            coords = _layers.to_pixels(ann.data, ann, image)
             region_layer = (
                 self.viewer.layers[md["region"]] if md.get("region") in self.viewer.layers else None
             )
