@@ -194,19 +194,7 @@ def read_image(path, channel: int | None = None, axes: str | None = None) -> Ima
     ``"YXC"``) overrides the metadata.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not an image")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file (0 bytes)")
-    suffix = path.suffix.lower()
-    if suffix == ".png":
-        data, meta_axes = _read_png(path)
-    elif suffix in {".tif", ".tiff", ".btf", ".tf8"}:
-        data, meta_axes = _read_tiff(path)
-    else:
-        raise InputError(f"{path}: unsupported file type {path.suffix!r}; expected TIFF or PNG")
+    data, meta_axes = _read_array(path)
     return to_plane(
         data, axes or meta_axes, channel=channel, name=str(path), explicit=axes is not None
     )
