@@ -15,7 +15,6 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLineEdit,
     QPushButton,
     QVBoxLayout,
@@ -24,7 +23,14 @@ from qtpy.QtWidgets import (
 
 from ..annotate import pair_name, save_training_pair, snap_to_peak
 from . import _layers
-from ._common import LayerCombo, connect_until_destroyed, notify_error, notify_info, status_label
+from ._common import (
+    LayerCombo,
+    connect_until_destroyed,
+    field_row,
+    notify_error,
+    notify_info,
+    status_label,
+)
 
 WHOLE_IMAGE = "(whole image)"
 NOTHING = "(nothing)"
@@ -67,14 +73,10 @@ class AnnotateWidget(QWidget):
         form.addRow(self.start_button)
         form.addRow(self.snap)
         form.addRow("snap radius", self.snap_radius)
-        reg = QHBoxLayout()
-        reg.addWidget(self.region, 1)
-        reg.addWidget(self.region_button)
+        reg = field_row(self.region, self.region_button)
         form.addRow("region", reg)
         form.addRow("annotations", self.points)
-        fold = QHBoxLayout()
-        fold.addWidget(self.folder, 1)
-        fold.addWidget(self.folder_button)
+        fold = field_row(self.folder, self.folder_button)
         form.addRow("folder", fold)
         form.addRow("name", self.name)
         form.addRow(self.overwrite)

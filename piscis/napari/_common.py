@@ -58,6 +58,14 @@ def state_for(viewer) -> PluginState:
         return _STATES.setdefault(id(viewer), PluginState())  # pragma: no cover
 
 
+def field_row(field: QWidget, button: QWidget) -> QHBoxLayout:
+    """A field that takes the spare width, with its button (Browse...) beside it."""
+    row = QHBoxLayout()
+    row.addWidget(field, 1)
+    row.addWidget(button)
+    return row
+
+
 class Relay(QObject):
     """Carries calls from a worker thread to the GUI thread (queued signals)."""
 

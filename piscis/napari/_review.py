@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 
 from ..annotate import cells_table_text, count_values
 from . import _layers
-from ._common import LayerCombo, notify_error, notify_info, status_label
+from ._common import LayerCombo, field_row, notify_error, notify_info, status_label
 
 NONE = "(none)"
 TABLE_COLUMNS = [
@@ -116,9 +116,7 @@ class ReviewWidget(QWidget):
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.table, 1)
-        exp = QHBoxLayout()
-        exp.addWidget(self.export_path, 1)
-        exp.addWidget(self.export_browse)
+        exp = field_row(self.export_path, self.export_browse)
         lay.addLayout(exp)
         lay.addWidget(self.export_button)
         lay.addWidget(self.status)

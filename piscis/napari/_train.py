@@ -34,6 +34,7 @@ from ._common import (
     ModelChooser,
     Relay,
     connect_until_destroyed,
+    field_row,
     notify_error,
     notify_info,
     state_for,
@@ -107,9 +108,7 @@ class TrainWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("annotations", self.layers)
-        fold = QHBoxLayout()
-        fold.addWidget(self.folder, 1)
-        fold.addWidget(self.folder_button)
+        fold = field_row(self.folder, self.folder_button)
         form.addRow(self.use_folder)
         form.addRow("folder", fold)
         form.addRow("start from", self.init)
@@ -117,9 +116,7 @@ class TrainWidget(QWidget):
         form.addRow("steps / epoch", self.steps)
         form.addRow("learning rate", self.lr)
         form.addRow("validation share", self.val_share)
-        out = QHBoxLayout()
-        out.addWidget(self.out_dir, 1)
-        out.addWidget(self.out_button)
+        out = field_row(self.out_dir, self.out_button)
         form.addRow("save in", out)
         form.addRow("model name", self.out_name)
         buttons = QHBoxLayout()
