@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 
@@ -30,3 +32,12 @@ def tiny_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny"
     save_model(net, config, folder, card="test")
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _restore_piscis_logger():
+    """cli.main() installs its own handler on the 'piscis' logger; undo it after each test."""
+    log = logging.getLogger("piscis")
+    saved = (log.handlers[:], log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]

@@ -8,7 +8,6 @@ generator.
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import stat
 import subprocess
@@ -24,15 +23,6 @@ import piscis
 from piscis import cli
 
 SPOT_COLUMNS = ["y", "x", "score", "intensity", "background"]
-
-
-@pytest.fixture(autouse=True)
-def _restore_piscis_logger():
-    """cli.main() installs its own handler on the 'piscis' logger; undo it after each test."""
-    log = logging.getLogger("piscis")
-    saved = (log.handlers[:], log.level, log.propagate)
-    yield
-    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
 
 
 def _image(seed: int, shape=(32, 40)) -> np.ndarray:

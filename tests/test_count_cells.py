@@ -44,15 +44,6 @@ needs_model = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(autouse=True)
-def _restore_piscis_logger():
-    """cli.main() installs its own handler on the 'piscis' logger; undo it after each test."""
-    log = logging.getLogger("piscis")
-    saved = (log.handlers[:], log.level, log.propagate)
-    yield
-    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
-
-
 # ------------------------------------------------------------------------- detection
 
 
