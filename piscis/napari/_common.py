@@ -66,6 +66,25 @@ def field_row(field: QWidget, button: QWidget) -> QHBoxLayout:
     return row
 
 
+class WorkerMixin:
+    """What a widget running one worker at a time does when the worker fails
+    or ends: report the failure, close the progress bar, forget the worker."""
+
+    _pbar = None
+    _worker = None
+
+    def _report_failure(self, what: str, exc) -> None:
+        msg = f"piscis: {what} failed: {exc}"
+        self.status.setText(msg)
+        notify_error(msg)
+
+    def _close_worker(self) -> None:
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self._worker = None
+
+
 class Relay(QObject):
     """Carries calls from a worker thread to the GUI thread (queued signals)."""
 

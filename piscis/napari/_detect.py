@@ -23,10 +23,18 @@ from superqt import QLabeledDoubleSlider
 
 from ..annotate import MIN_THRESHOLD, SpotCandidates, axes_choices
 from . import _layers
-from ._common import LayerCombo, ModelChooser, Relay, notify_error, state_for, status_label
+from ._common import (
+    LayerCombo,
+    ModelChooser,
+    Relay,
+    WorkerMixin,
+    notify_error,
+    state_for,
+    status_label,
+)
 
 
-class DetectWidget(QWidget):
+class DetectWidget(WorkerMixin, QWidget):
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -178,15 +186,10 @@ class DetectWidget(QWidget):
         self._pbar.update(done - self._pbar.n)
 
     def _on_error(self, exc):
-        msg = f"piscis: detection failed: {exc}"
-        self.status.setText(msg)
-        notify_error(msg)
+        self._report_failure("detection", exc)
 
     def _on_finished(self):
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        self._worker = None
+        self._close_worker()
         self.run_button.setEnabled(True)
 
     def _on_result(self, result, image_layer, shape):

@@ -33,6 +33,7 @@ from . import _layers
 from ._common import (
     ModelChooser,
     Relay,
+    WorkerMixin,
     connect_until_destroyed,
     field_row,
     notify_error,
@@ -56,7 +57,7 @@ DEFAULTS = {
 }
 
 
-class TrainWidget(QWidget):
+class TrainWidget(WorkerMixin, QWidget):
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
         self.viewer = napari_viewer
@@ -311,14 +312,9 @@ class TrainWidget(QWidget):
         notify_info(f"piscis: {msg}")
 
     def _on_error(self, exc):
-        msg = f"piscis: training failed: {exc}"
-        self.status.setText(msg)
-        notify_error(msg)
+        self._report_failure("training", exc)
 
     def _on_finished(self):
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        self._worker = None
+        self._close_worker()
         self.train_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
