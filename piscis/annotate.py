@@ -79,6 +79,37 @@ class SpotCandidates:
         return int(np.count_nonzero(self.mask(threshold)))
 
 
+def detect_candidates(
+    image: np.ndarray,
+    model,
+    scale: float | None = None,
+    roi=None,
+    progress=None,
+    min_threshold: float = MIN_THRESHOLD,
+) -> SpotCandidates:
+    """The :class:`SpotCandidates` of an image, or of a region of interest of it.
+
+    ``roi`` (y0, x0, height, width) is clipped to the image (an empty one is a
+    ValueError); the network sees the ROI's surroundings and the normalisation comes
+    from the whole image, so the candidates are the whole image's inside the ROI, in
+    the whole image's coordinates (:func:`piscis.detect.detect` does the same).
+    """
+    from .detect import clip_roi, in_box, model_normalization, predict_maps, roi_window, subset
+
+    norm = model_normalization(image, model)
+    if roi is None:
+        maps, _ = predict_maps(image, model, norm=norm, scale=scale, progress=progress)
+        return SpotCandidates.from_maps(maps, image, min_threshold)
+    box = clip_roi(roi, image.shape)
+    wy0, wy1, wx0, wx1 = roi_window(box, image.shape, model.net)
+    window = image[wy0:wy1, wx0:wx1]
+    maps, _ = predict_maps(window, model, norm=norm, scale=scale, progress=progress)
+    cands = SpotCandidates.from_maps(maps, window, min_threshold)
+    origin = (float(wy0), float(wx0))
+    keep = in_box(cands.spots.coords + np.asarray(origin), box)
+    return SpotCandidates(subset(cands.spots, keep, origin), cands.logits[keep], min_threshold)
+
+
 # --------------------------------------------------------------------------- spot tables
 
 TRANSFORM_COLUMNS = ("scale_y", "scale_x", "translate_y", "translate_x")
@@ -486,7 +517,7 @@ def cells_table_text(rows: list[dict], image: str) -> str:
 
     names = ["image", *CELL_COLUMNS]
     full = [{"image": str(image), **r} for r in rows]
-    return table_text({k: [r[k] for r in full] for k in names})
+    return table_text({k: [r.get(k) for r in full] for k in names})
 
 
 def count_values(rows: list[dict], key: str = "n_spots") -> dict[int, float]:

@@ -76,6 +76,7 @@ def count_spots(
     min_snr: float | None = None,
     name: str = "image",
     return_masks: bool = False,
+    roi=None,
     **segmentation_kwargs,
 ):
     """Detect the spots of an image and count them per cell and per nucleus.
@@ -119,6 +120,9 @@ def count_spots(
         How messages name the image (e.g. its file name).
     return_masks : bool
         Also return the label images used (given or segmented).
+    roi : (y0, x0, height, width), optional
+        Count only the spots in this rectangle, clipped to the image (see
+        :func:`piscis.detect.detect`); cells are still listed whole.
     **segmentation_kwargs
         Further segmentation keywords: ``nucleus_<name>`` goes to ``segment_nuclei``
         (``nucleus_threshold``, ``nucleus_smooth_sigma``, ``nucleus_local_ratio``,
@@ -176,6 +180,8 @@ def count_spots(
         cells = segment_cells(nuclei, cytoplasm=cytoplasm_image, expand=expand, **cell_kw)
 
     options = {} if tile_size is None else {"tile_size": tile_size}
+    if roi is not None:
+        options["roi"] = roi
     spots = detect(
         image, model=model, threshold=threshold, scale=scale, name=name, min_snr=min_snr, **options
     )

@@ -38,8 +38,26 @@ logger = logging.getLogger(__name__)
 
 # fmt: off
 CELL_COLUMNS = ["cell_id", "area", "n_spots", "n_spots_nucleus", "n_spots_cytoplasm",
-                "centroid_y", "centroid_x", "touches_border"]
+                "centroid_y", "centroid_x", "touches_border", "dense"]
 # fmt: on
+
+# A cell is "dense" when one of its spots has at least DENSE_NEIGHBOURS other spots within
+# DENSE_RADIUS px: a local density of (4 + 1) / (pi 5^2) = 0.064 spots/px^2, one spot per
+# 4 x 4 px. Spots closer than about 4 px are not resolved (README, resolution limit), so
+# counts in such cells are lower bounds.
+DENSE_RADIUS = 5.0
+DENSE_NEIGHBOURS = 4
+
+
+def dense_spots(coords, radius: float = DENSE_RADIUS) -> np.ndarray:
+    """Per spot, how many other spots lie within ``radius`` px (an (N,) int array)."""
+    from scipy.spatial import cKDTree
+
+    coords = np.asarray(coords, dtype=float).reshape(-1, 2)
+    if len(coords) < 2:
+        return np.zeros(len(coords), dtype=np.int64)
+    counts = cKDTree(coords).query_ball_point(coords, radius, return_length=True)
+    return np.asarray(counts, dtype=np.int64) - 1
 
 _TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
 
@@ -477,7 +495,7 @@ def _label_stats(cells: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def cell_table(
-    cells, cell_id, in_nucleus=None, nuclei=None, drop_border: bool = False
+    cells, cell_id, in_nucleus=None, nuclei=None, drop_border: bool = False, coords=None
 ) -> list[dict]:
     """Per-cell summary: one row per cell label, also for cells without spots.
 
@@ -494,13 +512,17 @@ def cell_table(
     drop_border : bool
         Leave out cells touching the image edge, logging their ids (default False:
         they are kept and flagged).
+    coords : (N, 2) array, optional
+        The spots' positions, for the ``dense`` flag (None without them).
 
     Returns
     -------
     rows : list of dict with the keys :data:`CELL_COLUMNS`, sorted by ``cell_id``:
         ``area`` (px), ``n_spots``, ``n_spots_nucleus``, ``n_spots_cytoplasm``
         (= n_spots - n_spots_nucleus), ``centroid_y``, ``centroid_x`` (mean pixel
-        position), ``touches_border`` (a pixel of the cell lies on the image edge).
+        position), ``touches_border`` (a pixel of the cell lies on the image edge),
+        ``dense`` (a spot of the cell has :data:`DENSE_NEIGHBOURS` or more other spots
+        within :data:`DENSE_RADIUS` px: its count is a lower bound).
     """
     cells = check_labels(cells, name="cells")
     if nuclei is not None:
@@ -521,11 +543,17 @@ def cell_table(
         if flag.shape != cell_id.shape:
             raise ValueError(f"in_nucleus has {flag.size} values for {cell_id.size} spots")
         n_nuc = _per_label(cell_id[flag.astype(bool)], ids).astype(np.int64).tolist()
+    dense = [None] * len(ids)
+    if coords is not None:
+        crowded = dense_spots(coords) >= DENSE_NEIGHBOURS
+        if crowded.shape != cell_id.shape:
+            raise ValueError(f"coords has {crowded.size} spots, cell_id {cell_id.size}")
+        dense = (_per_label(cell_id[crowded], ids) > 0).tolist()
     rows = [
-        dict(zip(CELL_COLUMNS, (lab, a, n, nn, None if nn is None else n - nn, y, x, bd)))
-        for lab, a, n, nn, y, x, bd in zip(
+        dict(zip(CELL_COLUMNS, (lab, a, n, nn, None if nn is None else n - nn, y, x, bd, de)))
+        for lab, a, n, nn, y, x, bd, de in zip(
             ids.tolist(), area.astype(np.int64).tolist(), n_spots.tolist(), n_nuc,
-            cy.tolist(), cx.tolist(), border.tolist(),
+            cy.tolist(), cx.tolist(), border.tolist(), dense,
         )
     ]  # fmt: skip
     if drop_border and border.any():
@@ -543,5 +571,7 @@ def spots_per_cell(coords, cells=None, nuclei=None, drop_border: bool = False):
     """
     cell_id, in_nucleus = assign_spots(coords, cells, nuclei)
     table_cells = nuclei if cells is None else cells
-    rows = cell_table(table_cells, cell_id, in_nucleus, nuclei, drop_border=drop_border)
+    rows = cell_table(
+        table_cells, cell_id, in_nucleus, nuclei, drop_border=drop_border, coords=coords
+    )
     return cell_id, in_nucleus, rows

@@ -168,6 +168,7 @@ def _count_one(path: Path, args, model, masks: dict):
         min_snr=args.min_snr,
         name=str(path),
         return_masks=True,
+        roi=getattr(args, "roi", None),
         **seg,
     )
     segmented = {}
@@ -476,10 +477,13 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        pairs = load_pairs(args.data, channel=args.channel)
+        pairs = load_pairs(
+            args.data, channel=args.channel, columns=args.columns, pixel_size=args.pixel_size
+        )
     except (InputError, ValueError, FileNotFoundError) as e:
         logger.error("%s", e)
         return 2
+    _preflight(pairs)
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         logger.error("%s exists; choose another folder or pass --overwrite", out)
@@ -494,6 +498,7 @@ def cmd_train(args) -> int:
         synthetic_fraction=args.synthetic_fraction,
         val_fraction=args.val_fraction,
         workers=args.workers,
+        normalization=args.normalization,
     )
     if args.init is None and args.synthetic_fraction == 0 and len(pairs) < 3:
         logger.warning("training from scratch on %d image(s): consider --init default", len(pairs))
@@ -541,6 +546,70 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _preflight(pairs) -> None:
+    """Report how many annotations sit on bright pixels: catches x/y swaps and offsets."""
+    from .data import annotation_check
+
+    n_bright = n_all = 0
+    for pair in pairs:
+        bright, total, swapped = annotation_check(pair)
+        n_bright, n_all = n_bright + bright, n_all + total
+        if total and bright < 0.5 * total:
+            hint = (
+                "; with y and x exchanged "
+                f"{swapped}/{total} would be: are the columns x,y? name them in the header"
+                if swapped > max(2 * bright, 0.5 * total)
+                else "; check the coordinates (0-based pixels, y then x) and --pixel-size"
+            )
+            logger.warning(
+                "%s: only %d/%d annotations on pixels above background + 3 sigma%s",
+                pair.name,
+                bright,
+                total,
+                hint,
+            )
+    logger.info(
+        "pre-flight: %d/%d annotations on pixels above background + 3 sigma", n_bright, n_all
+    )
+
+
+def _pixel_size_arg(text: str) -> tuple[float, float]:
+    """``S`` or ``SY,SX`` -> (y, x) pixel size, positive."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) not in (1, 2) or not all(v > 0 for v in vals):
+        msg = f"expected a positive pixel size S or SY,SX, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return (vals[0], vals[-1])
+
+
+def _columns_arg(text: str) -> tuple[str, ...]:
+    names = tuple(c.strip().lower() for c in text.split(","))
+    if "y" not in names or "x" not in names:
+        raise argparse.ArgumentTypeError(f"the columns must name y and x, got {text!r}")
+    return names
+
+
+def _csv_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--pixel-size",
+        type=_pixel_size_arg,
+        default=None,
+        metavar="S[,SX]",
+        help="the spot CSVs are in physical units (e.g. um) with this pixel size (y,x): "
+        "coordinates are divided by it",
+    )
+    p.add_argument(
+        "--columns",
+        type=_columns_arg,
+        default=None,
+        metavar="NAMES",
+        help="column names of spot CSVs without a header row, e.g. y,x or x,y,class",
+    )
+
+
 def cmd_evaluate(args) -> int:
     from .io import read_spots
     from .metrics import mean_scores, score
@@ -570,7 +639,8 @@ def cmd_evaluate(args) -> int:
     scores = []
     for name, p, t in pairs:
         try:
-            s = score(read_spots(p), read_spots(t))
+            opts = {"columns": args.columns, "pixel_size": args.pixel_size}
+            s = score(read_spots(p, **opts), read_spots(t, **opts))
         except InputError as e:
             logger.error("%s", e)
             return 2
@@ -641,7 +711,28 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
         help="drop spots whose matched-filter signal-to-noise ratio is below this "
         "(default: the model's own, 5; 0 keeps every spot above the threshold)",
     )
+    p.add_argument(
+        "--roi",
+        type=_roi_arg,
+        default=None,
+        metavar="Y0,X0,H,W",
+        help="only the spots in this rectangle (pixels; clipped to each image; the "
+        "network still sees its surroundings, so the spots are the whole image's)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing results")
+
+
+def _roi_arg(text: str) -> tuple[float, float, float, float]:
+    """``Y0,X0,H,W`` -> four numbers; a zero or negative size is refused here."""
+    try:
+        y0, x0, h, w = (float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"expected Y0,X0,H,W (four numbers, pixels), got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not (h > 0 and w > 0):
+        msg = f"the ROI {text!r} is empty (height {h:g}, width {w:g}); give a positive size"
+        raise argparse.ArgumentTypeError(msg)
+    return y0, x0, h, w
 
 
 CELLS_HELP = """\
@@ -794,6 +885,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on 2 cores)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.add_argument(
+        "--normalization",
+        choices=["image", "crop"],
+        default="image",
+        help="statistics of the network input in training: each training image's own "
+        "(default, as at inference) or each crop's; saved in the model",
+    )
+    _csv_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -801,6 +900,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("pred", help="predicted spots: a CSV or a folder of CSVs")
     p.add_argument("truth", help="true spots: a CSV or a folder of CSVs with the same names")
+    _csv_options(p)
     p.set_defaults(func=cmd_evaluate)
     return ap
 

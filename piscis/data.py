@@ -65,9 +65,16 @@ class Pair:
             self.norm = estimate_normalization(self.image)
 
 
-def load_pairs(folder: str | Path, channel: int | None = None) -> list[Pair]:
-    """Read a training folder: ``NAME.tif``/``.png`` + ``NAME.csv`` (+ ``NAME.mask.tif``)."""
-    from .io import IMAGE_SUFFIXES, read_image_2d, read_spots
+def load_pairs(
+    folder: str | Path, channel: int | None = None, columns=None, pixel_size=None
+) -> list[Pair]:
+    """Read a training folder: ``NAME.tif``/``.png`` + ``NAME.csv`` (+ ``NAME.mask.tif``).
+
+    ``columns`` and ``pixel_size`` go to :func:`piscis.io.read_spots` (column names of
+    header-less tables; physical units); rows within :data:`piscis.io.MERGE_DISTANCE`
+    of each other are merged into one spot, with a warning.
+    """
+    from .io import IMAGE_SUFFIXES, MERGE_DISTANCE, read_image_2d, read_spots
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -82,7 +89,7 @@ def load_pairs(folder: str | Path, channel: int | None = None) -> list[Pair]:
             logger.info("%s: no %s beside it, skipped", path, csv.name)
             continue
         image = read_image_2d(path, channel=channel)
-        coords = read_spots(csv)
+        coords = read_spots(csv, columns, pixel_size, merge_distance=MERGE_DISTANCE)
         mask_path = path.with_name(stem + ".mask.tif")
         region = None
         if mask_path.exists():
@@ -96,6 +103,25 @@ def load_pairs(folder: str | Path, channel: int | None = None) -> list[Pair]:
     if not pairs:
         raise ValueError(f"{folder}: no image + CSV pairs found (expected NAME.tif and NAME.csv)")
     return pairs
+
+
+def annotation_check(pair: Pair, sigmas: float = 3.0) -> tuple[int, int, int]:
+    """How many annotations sit on pixels brighter than background + ``sigmas`` x noise.
+
+    Returns (bright, total, bright_if_swapped): the same count with y and x exchanged
+    tells an x/y swap (few bright as given, many swapped). Annotations off the image
+    count as not bright.
+    """
+    level = pair.norm.background + sigmas * pair.norm.noise
+
+    def bright(coords):
+        pix = np.floor(np.asarray(coords, float).reshape(-1, 2) + 0.5).astype(np.int64)
+        on = np.all((pix >= 0) & (pix < np.asarray(pair.image.shape)), axis=1)
+        vals = np.full(len(pix), -np.inf)
+        vals[on] = pair.image[pix[on, 0], pix[on, 1]]
+        return int(np.count_nonzero(vals > level))
+
+    return bright(pair.coords), len(pair.coords), bright(pair.coords[:, ::-1])
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -149,8 +175,13 @@ def _rotate_crop(
     return crop, new, inside > 0.5
 
 
-def sample_real(rng: np.random.Generator, pair: Pair, size: int, augment: bool = True):
-    """A normalised crop of a real pair with its spots and region."""
+def sample_real(
+    rng: np.random.Generator, pair: Pair, size: int, augment: bool = True, per_crop: bool = False
+):
+    """A normalised crop of a real pair with its spots and region.
+
+    The crop is normalised with its image's statistics, or with its own (``per_crop``).
+    """
     if augment:
         angle = rng.uniform(0, 2 * np.pi) if rng.random() < 0.5 else rng.integers(4) * np.pi / 2
         zoom = float(np.exp(rng.uniform(np.log(0.8), np.log(1.25))))
@@ -160,13 +191,16 @@ def sample_real(rng: np.random.Generator, pair: Pair, size: int, augment: bool =
     crop, coords, region = _rotate_crop(
         rng, pair.image, pair.coords, pair.region, size, angle, zoom, flip
     )
-    x = pair.norm.apply(crop)
+    norm = pair.norm
+    if per_crop:
+        norm = estimate_normalization(crop, pair.norm.compression)
+    x = norm.apply(crop)
     if augment and rng.random() < 0.3:
         # Lower the SNR: extra Gaussian noise in units of the image's noise.
         extra = rng.uniform(0.3, 1.5)
-        z = np.sinh(x) * pair.norm.compression + rng.normal(0, extra, x.shape)
+        z = np.sinh(x) * norm.compression + rng.normal(0, extra, x.shape)
         z /= np.sqrt(1 + extra**2)
-        x = np.arcsinh(z / pair.norm.compression).astype(np.float32)
+        x = np.arcsinh(z / norm.compression).astype(np.float32)
     return x, coords, region
 
 

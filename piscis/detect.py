@@ -61,6 +61,35 @@ class Normalization:
         return z
 
 
+# Where the normalisation statistics come from (config.json "normalization"/"mode"):
+# "image": the image given (default; at training, each whole training image);
+# "crop": as "image" at inference (the crop given is the image), each crop at training;
+# "fixed": the config's "background" and "unit" (and "noise") for every image.
+NORMALIZATION_MODES = ("image", "crop", "fixed")
+
+
+def model_normalization(image: np.ndarray, model) -> Normalization:
+    """The normalisation a model's config asks for, for this image."""
+    cfg = dict(getattr(model, "config", {}) or {}).get("normalization", {})
+    mode = cfg.get("mode", "image")
+    if mode not in NORMALIZATION_MODES:
+        msg = f"model normalization mode {mode!r} is unknown; expected one of {NORMALIZATION_MODES}"
+        raise ValueError(msg)
+    compression = float(cfg.get("compression", COMPRESSION))
+    ratio = float(cfg.get("contrast_ratio", 0.0))
+    if mode != "fixed":
+        return estimate_normalization(image, compression, ratio)
+    try:
+        background, unit = float(cfg["background"]), float(cfg["unit"])
+    except (KeyError, TypeError, ValueError):
+        msg = "model normalization mode 'fixed' needs numbers 'background' and 'unit' in config"
+        raise ValueError(msg) from None
+    arr = np.asarray(image)
+    n_bad = int(arr.size - np.count_nonzero(np.isfinite(arr))) if arr.dtype.kind == "f" else 0
+    noise = float(cfg.get("noise", unit))
+    return Normalization(background, noise, compression, n_bad, unit)
+
+
 def _sample(image: np.ndarray, n: int = SAMPLE_PIXELS) -> np.ndarray:
     """The whole image, or a regular grid of 64x64 blocks covering it."""
     if image.size <= n:
@@ -248,7 +277,10 @@ def predict_maps(
         default_scale, min_snr = model.scale, model.min_snr
     scale = default_scale if scale is None else float(scale)
     if norm is None:
-        norm = estimate_normalization(image, compression, ratio)
+        if isinstance(model, SpotNet):
+            norm = estimate_normalization(image, compression, ratio)
+        else:
+            norm = model_normalization(image, model)
     work = _rescale(image, scale)
     h, w = work.shape
     maps = np.empty((3, h, w), dtype=np.float32)
@@ -495,6 +527,89 @@ def _finish(image, coords, scores, radius, noise: float = 0.0, min_snr: float = 
     return Spots(coords, scores, inten, bg)
 
 
+def clip_roi(roi, shape, name: str = "image") -> tuple[int, int, int, int]:
+    """A region of interest ``(y0, x0, height, width)`` clipped to an image.
+
+    Returns ``(y0, y1, x0, x1)``, the clipped half-open pixel ranges. A ROI may start
+    at negative coordinates or reach past the image; what lies off the image is
+    dropped.
+
+    Raises
+    ------
+    ValueError
+        The ROI is not four numbers, has a zero or negative size, or does not overlap
+        the image (the message gives the ROI and the image shape).
+    """
+    try:
+        y0, x0, h, w = (float(v) for v in roi)
+    except (TypeError, ValueError):
+        msg = f"{name}: ROI must be four numbers (y0, x0, height, width), got {roi!r}"
+        raise ValueError(msg) from None
+    if not all(np.isfinite((y0, x0, h, w))):
+        raise ValueError(f"{name}: ROI {roi!r} holds a non-finite number")
+    if h <= 0 or w <= 0:
+        msg = f"{name}: ROI {roi!r} is empty (height {h:g}, width {w:g}); give a positive size"
+        raise ValueError(msg)
+    ys = max(0, math.floor(y0)), min(int(shape[0]), math.ceil(y0 + h))
+    xs = max(0, math.floor(x0)), min(int(shape[1]), math.ceil(x0 + w))
+    if ys[0] >= ys[1] or xs[0] >= xs[1]:
+        msg = (
+            f"{name}: ROI {roi!r} (y0, x0, height, width) is empty once clipped to the "
+            f"image of shape {tuple(shape)}"
+        )
+        raise ValueError(msg)
+    return ys[0], ys[1], xs[0], xs[1]
+
+
+def roi_window(box, shape, net) -> tuple[int, int, int, int]:
+    """The part of the image the network needs to see for a ROI ``box`` (y0, y1, x0, x1).
+
+    The box grown by the network's receptive margin (plus the decoder's 2 px), with its
+    origin on the network's size multiple, so that the maps inside the box are those of
+    the whole image: a detection in a ROI is a whole-image detection.
+    """
+    multiple = net.multiple
+    ctx = receptive_margin(net.channels) + multiple
+    y0 = max(0, (box[0] - ctx) // multiple * multiple)
+    x0 = max(0, (box[2] - ctx) // multiple * multiple)
+    return y0, min(int(shape[0]), box[1] + ctx), x0, min(int(shape[1]), box[3] + ctx)
+
+
+def in_box(coords: np.ndarray, box) -> np.ndarray:
+    """Spots whose rounded pixel lies in the box (y0, y1, x0, x1): the ROI's spots."""
+    pix = np.floor(np.asarray(coords, dtype=float).reshape(-1, 2) + 0.5)
+    return (
+        (pix[:, 0] >= box[0]) & (pix[:, 0] < box[1]) & (pix[:, 1] >= box[2]) & (pix[:, 1] < box[3])
+    )
+
+
+def subset(spots: Spots, keep: np.ndarray, offset=(0.0, 0.0)) -> Spots:
+    """The spots where ``keep``, their coordinates shifted by ``offset``."""
+    extra = {k: np.asarray(v)[keep] for k, v in spots.extra.items()}
+    return Spots(
+        spots.coords[keep] + np.asarray(offset, dtype=float),
+        spots.score[keep],
+        spots.intensity[keep],
+        spots.background[keep],
+        extra,
+    )
+
+
+def _detect_plane(work, net, norm, threshold, tile_size, progress):
+    """Coordinates and scores of the spots of a (rescaled) plane, tile by tile."""
+    all_coords, all_scores = [], []
+    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, net, norm, tile_size, progress):
+        # Decode a window 2 px larger than the core (voting and NMS look 2 px out).
+        win = out[:, py - 2 : py + ch + 2, px - 2 : px + cw + 2]
+        coords, scores, pix = decode(win[0], win[1:], threshold)
+        core = (pix[:, 0] >= 2) & (pix[:, 0] < ch + 2) & (pix[:, 1] >= 2) & (pix[:, 1] < cw + 2)
+        all_coords.append(coords[core] + np.array([y0 - 2, x0 - 2]))
+        all_scores.append(scores[core])
+    coords = np.concatenate(all_coords) if all_coords else np.zeros((0, 2))
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    return coords, scores
+
+
 def detect(
     image: np.ndarray,
     model=None,
@@ -504,6 +619,7 @@ def detect(
     progress: Callable[[int, int], None] | None = None,
     name: str = "image",
     min_snr: float | None = None,
+    roi=None,
 ) -> Spots:
     """Find the spots of a 2D image.
 
@@ -521,6 +637,13 @@ def detect(
     min_snr : significance floor: spots whose matched-filter signal-to-noise
         ratio (:func:`spot_significance`) is below it are dropped; None for
         the model's own (0: none).
+    roi : (y0, x0, height, width), optional
+        Only the spots whose rounded pixel lies in this rectangle, clipped to
+        the image (it may start before it or reach past it; an empty one is a
+        ValueError). Coordinates stay in the whole image's frame. The network
+        sees the ROI's surroundings and the normalisation comes from the whole
+        image, so at scale 1 these are exactly the whole image's spots inside
+        the ROI, at the cost of the ROI only.
 
     Tiles are decoded one at a time and a spot is kept only if its peak
     pixel lies in its tile's core, so memory stays bounded by the tile and
@@ -536,25 +659,24 @@ def detect(
         raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
     if not (0.01 <= scale <= 100):
         raise ValueError(f"scale must be between 0.01 and 100, got {scale}")
-    norm = estimate_normalization(image, loaded.compression, loaded.contrast_ratio)
+    box = None if roi is None else clip_roi(roi, image.shape, name)
+    norm = model_normalization(image, loaded)
     if norm.n_nonfinite:
         logger.warning(
             "%s: %d non-finite (NaN or infinite) pixels are ignored", name, norm.n_nonfinite
         )
-    work = _rescale(image, scale)
-    all_coords, all_scores = [], []
-    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(
-        work, loaded.net, norm, tile_size, progress
-    ):
-        # Decode a window 2 px larger than the core (voting and NMS look 2 px out).
-        win = out[:, py - 2 : py + ch + 2, px - 2 : px + cw + 2]
-        coords, scores, pix = decode(win[0], win[1:], threshold)
-        core = (pix[:, 0] >= 2) & (pix[:, 0] < ch + 2) & (pix[:, 1] >= 2) & (pix[:, 1] < cw + 2)
-        all_coords.append(coords[core] + np.array([y0 - 2, x0 - 2]))
-        all_scores.append(scores[core])
-    coords = np.concatenate(all_coords) if all_coords else np.zeros((0, 2))
-    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
-    coords, scores = _to_image_frame(coords, scores, scale, image.shape)
+    origin = np.zeros(2)
+    plane = image
+    if box is not None:
+        wy0, wy1, wx0, wx1 = roi_window(box, image.shape, loaded.net)
+        plane, origin = image[wy0:wy1, wx0:wx1], np.array([wy0, wx0], dtype=float)
+    work = _rescale(plane, scale)
+    coords, scores = _detect_plane(work, loaded.net, norm, threshold, tile_size, progress)
+    coords, scores = _to_image_frame(coords, scores, scale, plane.shape)
+    coords = coords + origin
+    if box is not None:
+        keep = in_box(coords, box)
+        coords, scores = coords[keep], scores[keep]
     min_snr = loaded.min_snr if min_snr is None else float(min_snr)
     return _finish(image, coords, scores, 2.0 / scale, norm.noise, min_snr)
 

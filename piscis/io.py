@@ -110,13 +110,41 @@ def write_table(path, columns, overwrite: bool = True) -> None:
 # --------------------------------------------------------------------------- spot tables
 
 
-def read_spots(path: str | Path) -> np.ndarray:
+MERGE_DISTANCE = 1.0  # rows of a spot table closer than this (px) are one spot
+
+
+def read_spots(
+    path: str | Path,
+    columns=None,
+    pixel_size=None,
+    merge_distance: float = 0.0,
+) -> np.ndarray:
     """Read spot coordinates (N, 2) in (y, x) from a CSV.
 
     Accepted: our own tables (columns ``y``, ``x``, anything else ignored),
     ``x``/``y`` in either order, napari's Points export (``axis-0`` = y,
     ``axis-1`` = x; for 3D exports the last two axes are used). A file
-    without a header is refused: name the columns.
+    without a header is refused unless ``columns`` names its columns.
+
+    Parameters
+    ----------
+    path : str or Path
+    columns : sequence of str, optional
+        Names of the columns of a file without a header row, e.g. ``("x", "y")``
+        or ``("y", "x", "class")`` (``y`` and ``x`` are needed).
+    pixel_size : float or (float, float), optional
+        The file holds physical units (e.g. micrometres) with this pixel size
+        (y, x): coordinates are divided by it to give pixels.
+    merge_distance : float
+        Rows closer than this (px) are one spot, merged to their mean with a
+        warning (e.g. one row per pixel of each spot's window); 0 (default): no
+        merging. Training reads its tables with :data:`MERGE_DISTANCE`.
+
+    Notes
+    -----
+    Coordinates are 0-based pixel centres: the centre of the first pixel is
+    (0, 0). A 1-based table (ImageJ's, say) is read as it is, one pixel off
+    in y and x: subtract 1 first.
     """
     path = Path(path)
     try:
@@ -133,8 +161,18 @@ def read_spots(path: str | Path) -> np.ndarray:
     if not rows:
         raise InputError(f"{path}: empty file, expected a header such as 'y,x'")
     header = [c.strip().lower() for c in rows[0][1]]
-    if _is_number(header[0]):
-        raise InputError(f"{path}: no header row; the first line must name the columns, e.g. 'y,x'")
+    if columns is not None:
+        header = [str(c).strip().lower() for c in columns]
+        if "y" not in header or "x" not in header:
+            raise InputError(f"{path}: columns {list(columns)} must name 'y' and 'x'")
+        if not _is_number(rows[0][1][0].strip()):
+            rows = rows[1:]  # the file has a header after all: the given names win
+        rows = [(0, header), *rows]
+    elif _is_number(header[0]):
+        raise InputError(
+            f"{path}: no header row; the first line must name the columns, e.g. 'y,x' "
+            "(or give the column names: --columns y,x / read_spots(columns=...))"
+        )
     if "y" in header and "x" in header:
         iy, ix = header.index("y"), header.index("x")
     else:
@@ -147,6 +185,8 @@ def read_spots(path: str | Path) -> np.ndarray:
                 f"{path}: columns {header} hold no coordinates; "
                 "expected 'y,x' or napari's 'axis-0,axis-1'"
             )
+    if "class" in header:
+        logger.info("%s: column 'class' ignored (every row is read as a spot)", path)
     out = []
     for k, r in rows[1:]:
         try:
@@ -156,7 +196,41 @@ def read_spots(path: str | Path) -> np.ndarray:
     coords = np.asarray(out, dtype=np.float64).reshape(-1, 2)
     if not np.all(np.isfinite(coords)):
         raise InputError(f"{path}: non-finite coordinates")
+    if pixel_size is not None:
+        size = np.broadcast_to(np.asarray(pixel_size, dtype=float), (2,))
+        if not np.all(size > 0):
+            raise InputError(f"{path}: pixel size must be positive, got {pixel_size!r}")
+        coords = coords / size
+    if merge_distance > 0 and len(coords) > 1:
+        coords = _merge_close(coords, merge_distance, path)
     return coords
+
+
+def _merge_close(coords: np.ndarray, distance: float, path) -> np.ndarray:
+    """Merge groups of rows linked by distances <= ``distance`` into their mean."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(coords).query_pairs(distance + 1e-9, output_type="ndarray")
+    if len(pairs) == 0:
+        return coords
+    n = len(coords)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    n_groups, lab = connected_components(graph, directed=False)
+    merged = np.zeros((n_groups, 2))
+    np.add.at(merged, lab, coords)
+    sizes = np.bincount(lab, minlength=n_groups)
+    merged /= sizes[:, None]
+    logger.warning(
+        "%s: %d rows lie within %g px of another row; merged into %d spots "
+        "(one row per spot expected)",
+        path,
+        int(sizes[sizes > 1].sum()),
+        distance,
+        int(np.count_nonzero(sizes > 1)),
+    )
+    return merged
 
 
 def _is_number(s: str) -> bool:
@@ -200,9 +274,67 @@ def read_image(path, channel: int | None = None, axes: str | None = None) -> Ima
     )
 
 
+MEMORY_ENV = "PISCIS_MAX_IMAGE_BYTES"  # overrides the memory guard's limit, in bytes
+WORK_BYTES_PER_PIXEL = 12  # what detection adds per pixel of the plane (float32 copies)
+
+
+def memory_limit() -> int:
+    """Bytes an image may take: ``$PISCIS_MAX_IMAGE_BYTES``, else half the free memory."""
+    env = os.environ.get(MEMORY_ENV)
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            logger.warning("%s=%r is not a number of bytes; ignored", MEMORY_ENV, env)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available // 2)
+    except Exception:  # no psutil, or no /proc: a fixed 8 GB
+        return 8 << 30
+
+
+def check_memory(path, shape, dtype) -> None:
+    """Refuse, before reading it, an image whose declared size does not fit in memory.
+
+    Raises
+    ------
+    InputError
+        Naming the file, its declared shape and size, the limit, and what to do.
+    """
+    shape = tuple(int(n) for n in shape)
+    itemsize = np.dtype(dtype).itemsize
+    n = int(np.prod(shape, dtype=object)) if shape else 0
+    plane = int(shape[-2]) * int(shape[-1]) if len(shape) >= 2 else n
+    need = n * itemsize + WORK_BYTES_PER_PIXEL * plane
+    limit = memory_limit()
+    if need > limit:
+        msg = (
+            f"{path}: declares a {'x'.join(map(str, shape))} {np.dtype(dtype)} image "
+            f"({need / 1e9:.3g} GB to read and process), more than the {limit / 1e9:.3g} GB "
+            f"this run may use; crop or split it (or set {MEMORY_ENV} to raise the limit)"
+        )
+        raise InputError(msg)
+
+
+def _png_size(path: Path) -> tuple[int, int, int] | None:
+    """(height, width, bytes per pixel) from a PNG's IHDR chunk, or None if not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(33)
+    if len(head) < 33 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    depth, colour = head[24], head[25]
+    samples = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour, 4)
+    return height, width, samples * max(depth // 8, 1)
+
+
 def _read_png(path: Path):
     from skimage import io as skio
 
+    size = _png_size(path)
+    if size is not None:
+        check_memory(path, (size[0], size[1], size[2]), np.uint8)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -216,6 +348,18 @@ def _read_png(path: Path):
     return data, axes
 
 
+def _compression_of(path: Path) -> str | None:
+    """The name of a TIFF's compression (its first page's tag), None if unreadable."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            comp = tif.pages.first.compression
+    except Exception:
+        return None
+    return getattr(comp, "name", str(comp))
+
+
 def _read_tiff(path: Path):
     import tifffile
 
@@ -223,11 +367,22 @@ def _read_tiff(path: Path):
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes = series.axes
+            check_memory(path, series.shape, series.dtype)
             data = series.asarray()
+    except InputError:
+        raise
+    except MemoryError:
+        msg = f"{path}: not enough memory to read it; crop or split the image"
+        raise InputError(msg) from None
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "imagecodecs" in msg.lower():
-            msg += " (install the 'imagecodecs' package to read this compression)"
+        codec = isinstance(e, ImportError) or "imagecodecs" in msg.lower()
+        comp = _compression_of(path) if codec or isinstance(e, (KeyError, ValueError)) else None
+        if comp is not None and comp != "NONE" and (codec or "compress" in msg.lower()):
+            raise InputError(
+                f"{path}: cannot decode its {comp} compression ({msg}); install the "
+                "'imagecodecs' package (pip install imagecodecs)"
+            ) from None
         raise InputError(f"{path}: not a readable TIFF ({msg})") from None
     return np.asarray(data), axes
 

@@ -22,7 +22,15 @@ import torch
 
 from . import __version__
 from .data import Pair, batch_targets, sample_real, sample_synthetic
-from .detect import BAND, COMPRESSION, CONTRAST_RATIO, Maps, predict_maps, spots_from_maps
+from .detect import (
+    BAND,
+    COMPRESSION,
+    CONTRAST_RATIO,
+    NORMALIZATION_MODES,
+    Maps,
+    predict_maps,
+    spots_from_maps,
+)
 from .io import LoadedModel, load_model, save_model
 from .loss import total_loss
 from .metrics import mean_scores, score
@@ -48,6 +56,7 @@ class TrainConfig:
     channels: tuple[int, ...] = (8, 16, 32, 64)
     workers: int = 1
     keep: str = "best"  # "best" (validation integrated F1) or "last" epoch
+    normalization: str = "image"  # statistics from each training image ("image") or crop
     extra: dict = field(default_factory=dict)
 
 
@@ -73,7 +82,9 @@ class _Batches(torch.utils.data.IterableDataset):
                     items.append(sample_synthetic(rng, cfg.crop))
                 else:
                     pair = self.pairs[rng.choice(len(self.pairs), p=self.weights)]
-                    items.append(sample_real(rng, pair, cfg.crop))
+                    items.append(
+                        sample_real(rng, pair, cfg.crop, per_crop=cfg.normalization == "crop")
+                    )
             yield batch_targets(items)
 
 
@@ -161,6 +172,9 @@ def train(
     should_stop : polled every step; True stops cleanly and keeps the best model.
     """
     cfg = cfg or TrainConfig()
+    if cfg.normalization not in NORMALIZATION_MODES[:2]:
+        msg = f"normalization must be 'image' or 'crop' in training, got {cfg.normalization!r}"
+        raise ValueError(msg)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
@@ -216,7 +230,8 @@ def train(
             "compression": COMPRESSION,
             "contrast_ratio": CONTRAST_RATIO,
             "band": list(BAND),
-            "statistics": "whole image",
+            "statistics": "whole image" if cfg.normalization == "image" else "each crop",
+            "mode": cfg.normalization,
         },
         "threshold": cfg.threshold,
         "scale": float(init_cfg.get("scale", 1.0)),

@@ -400,7 +400,7 @@ def test_only_nuclei_and_only_cells():
     writer.writerows(rows)
     lines = buf.getvalue().splitlines()
     assert lines[0] == ",".join(CELL_COLUMNS)
-    assert lines[1] == "4,36,2,,,4.5,4.5,False"
+    assert lines[1] == "4,36,2,,,4.5,4.5,False,False"
     with pytest.raises(ValueError, match="needs cells"):
         assign_spots(pts)
 

@@ -188,7 +188,7 @@ def test_model_folders_and_cells_text(tmp_path, monkeypatch, tiny_model):
     text = cells_table_text(rows, "img.tif").splitlines()
     assert text[0] == (
         "image,cell_id,area,n_spots,n_spots_nucleus,n_spots_cytoplasm,centroid_y,centroid_x,"
-        "touches_border"
+        "touches_border,dense"
     )
     assert text[1].startswith("img.tif,3,10,2,,,1.5000,2.0000,1")
     assert count_values(rows) == {3: 0.0, 9: 1.0}

@@ -34,7 +34,7 @@ from piscis.synth import spot_image  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 CELL_HEADER = (
     "image,cell_id,area,n_spots,n_spots_nucleus,n_spots_cytoplasm,centroid_y,centroid_x,"
-    "touches_border"
+    "touches_border,dense"
 )
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from napari.layers import Image, Points
+from napari.layers import Image, Points, Shapes
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from qtpy.QtCore import Qt
@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ..annotate import MIN_THRESHOLD, SpotCandidates, axes_choices
+from ..annotate import MIN_THRESHOLD, axes_choices, detect_candidates
 from . import _layers
 from ._common import (
     LayerCombo,
@@ -67,6 +67,11 @@ class DetectWidget(WorkerMixin, QWidget):
         self.threshold.setSingleStep(0.01)
         self.threshold.setValue(0.5)
         self.threshold.setToolTip("Spot probability threshold: re-decoded live, no network run")
+        self.roi = LayerCombo(napari_viewer, (Shapes,), none_text="(whole image)")
+        self.roi.setToolTip(
+            "A Shapes layer: detect only in the bounding box of its shapes (clipped to the "
+            "image; the spots are those the whole image gives there)"
+        )
         self.run_button = QPushButton("Detect")
         self.status = status_label()
 
@@ -77,6 +82,7 @@ class DetectWidget(WorkerMixin, QWidget):
         form.addRow("model", self.model)
         form.addRow("scale", self.scale)
         form.addRow("threshold", self.threshold)
+        form.addRow("region", self.roi)
         lay = QVBoxLayout(self)
         lay.addLayout(form)
         lay.addWidget(self.run_button)
@@ -151,17 +157,25 @@ class DetectWidget(WorkerMixin, QWidget):
             return
         scale = float(self.scale.value())
         relay = self.relay
+        roi = _layers.roi_of_shapes(self.roi.layer(), layer)
+        if roi is not None:
+            from ..detect import clip_roi
+
+            try:
+                clip_roi(roi, img.shape, name=layer.name)
+            except ValueError as e:
+                notify_error(f"piscis: {e}")
+                self.status.setText(str(e))
+                return
 
         def work():
-            from ..detect import predict_maps
             from ..io import load_model
 
             model = load_model(model_path)
-            maps, _ = predict_maps(
-                img, model, scale=scale, progress=lambda d, t: relay.progressed.emit((d, t))
+            cands = detect_candidates(
+                img, model, scale, roi, progress=lambda d, t: relay.progressed.emit((d, t))
             )
-            relay.progressed.emit(("decode", 0))
-            return SpotCandidates.from_maps(maps, img), model.threshold, model.name
+            return cands, model.threshold, model.name
 
         self.run_button.setEnabled(False)
         self.status.setText(f"Detecting spots in {layer.name}...")

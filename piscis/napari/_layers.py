@@ -111,6 +111,16 @@ def region_mask(region_layer, image_layer, shape) -> np.ndarray | None:
     raise TypeError(f"{region_layer.name!r} is neither a Shapes nor a Labels layer")
 
 
+def roi_of_shapes(shapes_layer, image_layer) -> tuple[float, float, float, float] | None:
+    """The bounding box (y0, x0, height, width) of a Shapes layer's shapes, in the
+    image's pixels, or None when it has none. Parts off the image are clipped later."""
+    if shapes_layer is None or len(shapes_layer.data) == 0:
+        return None
+    verts = np.concatenate([to_pixels(d, shapes_layer, image_layer) for d in shapes_layer.data])
+    lo, hi = verts.min(axis=0), verts.max(axis=0)
+    return float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])
+
+
 def spots_features(spots, n: int | None = None) -> dict[str, np.ndarray]:
     """Per-spot features of a core :class:`~piscis.detect.Spots` for a Points layer."""
     n = len(spots) if n is None else n

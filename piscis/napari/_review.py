@@ -37,6 +37,7 @@ TABLE_COLUMNS = [
     ("n_spots_cytoplasm", "cytoplasm"),
     ("area", "area"),
     ("touches_border", "border"),
+    ("dense", "dense"),
 ]
 COLOUR_KEYS = ["n_spots", "n_spots_nucleus", "n_spots_cytoplasm"]
 
