@@ -42,10 +42,10 @@ CELL_COLUMNS = ["cell_id", "area", "n_spots", "n_spots_nucleus", "n_spots_cytopl
 # fmt: on
 
 # A cell is "dense" when one of its spots has at least DENSE_NEIGHBOURS other spots within
-# DENSE_RADIUS px: a local density of (4 + 1) / (pi 5^2) = 0.064 spots/px^2, one spot per
-# 4 x 4 px. Spots closer than about 4 px are not resolved (README, resolution limit), so
-# counts in such cells are lower bounds.
-DENSE_RADIUS = 5.0
+# DENSE_RADIUS px: a local density of (4 + 1) / (pi 6^2) = 0.044 spots/px^2, about one spot
+# per 5 x 5 px. Denser spots are not all resolved (README, resolution limit: a grid of
+# spots 4 px apart is seen as a few blobs), so counts in such cells are lower bounds.
+DENSE_RADIUS = 6.0
 DENSE_NEIGHBOURS = 4
 
 
@@ -58,6 +58,7 @@ def dense_spots(coords, radius: float = DENSE_RADIUS) -> np.ndarray:
         return np.zeros(len(coords), dtype=np.int64)
     counts = cKDTree(coords).query_ball_point(coords, radius, return_length=True)
     return np.asarray(counts, dtype=np.int64) - 1
+
 
 _TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
 

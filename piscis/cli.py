@@ -36,7 +36,6 @@ MASK_SUFFIXES = (
     "-labels",
 )
 MASK_EXTENSIONS = (".tif", ".tiff", ".npy", ".png")
-SKIPPED_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -71,8 +70,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
                 if f.is_file() and is_image_name(f):
                     found.append(f)
                 elif f.is_file():
-                    level = logging.DEBUG if f.name.lower() in SKIPPED_NAMES else logging.INFO
-                    logger.log(level, "%s: not an image file, skipped", f)
+                    logger.info("%s: not an image file, skipped", f)
             if not found:
                 logger.warning("%s: no image files (.tif, .tiff, .png) in this folder", p)
             images.extend(found)

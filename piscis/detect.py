@@ -117,6 +117,40 @@ def _band_gain() -> float:
 BAND_GAIN = _band_gain()
 
 
+BLOB_AREA = 50  # px above half the contrast level: larger objects are not spots
+
+
+def _spot_contrast(band: np.ndarray, ok: np.ndarray) -> float:
+    """The 99.9th percentile of the band-pass image over spot-sized objects.
+
+    Objects of more than :data:`BLOB_AREA` connected pixels above half the current
+    level (an artefact blob, a bright cell) are left out, with 3 px around them, and
+    the level is taken again: one blob in a crop must not set the scale of its spots.
+    An image without such objects keeps the plain percentile.
+    """
+    level = float(np.quantile(band[ok], 0.999))
+    plane = np.zeros((3,) * band.ndim, bool)
+    plane[(1,) * (band.ndim - 2)] = True  # connectivity within each block
+    structure = plane & ndi.generate_binary_structure(band.ndim, band.ndim)
+    for _ in range(8):
+        if level <= 0:
+            break
+        lab, n = ndi.label(band >= 0.5 * level, structure=structure)
+        if n == 0:
+            break
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        big = sizes > BLOB_AREA
+        big[0] = False
+        if not big.any():
+            break
+        grow = ndi.binary_dilation(big[lab], structure=structure, iterations=3)
+        ok = ok & ~grow
+        if np.count_nonzero(ok) <= 100:
+            break
+        level = float(np.quantile(band[ok], 0.999))
+    return level
+
+
 def estimate_normalization(
     image: np.ndarray, compression: float = COMPRESSION, contrast_ratio: float = CONTRAST_RATIO
 ) -> Normalization:
@@ -157,7 +191,7 @@ def estimate_normalization(
     noise, contrast = 0.0, 0.0
     if vals.size > 100:
         noise = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) / BAND_GAIN
-        contrast = float(np.quantile(vals, 0.999))
+        contrast = _spot_contrast(band, ok)
     integer = np.issubdtype(arr.dtype, np.integer)
     floor = 0.5 if integer else max(1e-6 * float(hi - lo), 1e-12)
     if noise <= floor:
@@ -293,7 +327,7 @@ def predict_maps(
 
 
 def _logit(p: float) -> float:
-    p = min(max(p, 1e-7), 1 - 1e-7)
+    p = min(max(p, 1e-15), 1 - 1e-15)
     return math.log(p / (1 - p))
 
 
