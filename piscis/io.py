@@ -333,8 +333,9 @@ def _read_png(path: Path):
     from skimage import io as skio
 
     size = _png_size(path)
-    if size is not None:
-        check_memory(path, (size[0], size[1], size[2]), np.uint8)
+    if size is None:
+        raise InputError(f"{path}: not a readable PNG (no PNG signature and header)")
+    check_memory(path, (size[0], size[1], size[2]), np.uint8)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -360,7 +361,33 @@ def _compression_of(path: Path) -> str | None:
     return getattr(comp, "name", str(comp))
 
 
+class _Collect(logging.Handler):
+    """Keeps tifffile's log records of one read, to report them under the file's name."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage().splitlines()[0] if record.msg else "")
+
+
 def _read_tiff(path: Path):
+    tiff_log = logging.getLogger("tifffile")
+    collect = _Collect()
+    saved = tiff_log.propagate
+    tiff_log.addHandler(collect)
+    tiff_log.propagate = False
+    try:
+        return _read_tiff_quietly(path)
+    finally:
+        tiff_log.removeHandler(collect)
+        tiff_log.propagate = saved
+        for msg in dict.fromkeys(collect.messages):  # tifffile's notes on bad tags
+            logger.debug("%s: tifffile: %s", path, msg)
+
+
+def _read_tiff_quietly(path: Path):
     import tifffile
 
     try:
@@ -374,8 +401,12 @@ def _read_tiff(path: Path):
     except MemoryError:
         msg = f"{path}: not enough memory to read it; crop or split the image"
         raise InputError(msg) from None
+    except ZeroDivisionError:
+        msg = f"{path}: not a readable TIFF (its tags declare a zero width, height or strip size)"
+        raise InputError(msg) from None
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = msg if len(msg) <= 160 else msg[:157] + "..."
         codec = isinstance(e, ImportError) or "imagecodecs" in msg.lower()
         comp = _compression_of(path) if codec or isinstance(e, (KeyError, ValueError)) else None
         if comp is not None and comp != "NONE" and (codec or "compress" in msg.lower()):
