@@ -45,6 +45,7 @@ class SpotCandidates:
     spots: Spots
     logits: np.ndarray  # float32 pooled logit of each spot, the value decode compares
     min_threshold: float = MIN_THRESHOLD
+    n_nonfinite: int = 0  # NaN or infinite pixels of the image, left out of the statistics
 
     @classmethod
     def from_maps(
@@ -89,17 +90,23 @@ def detect_candidates(
 ) -> SpotCandidates:
     """The :class:`SpotCandidates` of an image, or of a region of interest of it.
 
-    ``roi`` (y0, x0, height, width) is clipped to the image (an empty one is a
-    ValueError); the network sees the ROI's surroundings and the normalisation comes
-    from the whole image, so the candidates are the whole image's inside the ROI, in
-    the whole image's coordinates (:func:`piscis.detect.detect` does the same).
+    The number of non-finite pixels (left out of the statistics) is in the
+    candidates' ``n_nonfinite``. ``roi`` (y0, x0, height, width) is clipped to the
+    image (an empty one is a ValueError); the network sees the ROI's surroundings
+    and the normalisation comes from the whole image, so the candidates are the
+    whole image's inside the ROI, in the whole image's coordinates (as
+    :func:`piscis.detect.detect` gives them).
     """
     from .detect import clip_roi, in_box, model_normalization, predict_maps, roi_window, subset
 
     norm = model_normalization(image, model)
+    if norm.n_nonfinite:
+        logger.warning("%d non-finite (NaN or infinite) pixels are ignored", norm.n_nonfinite)
     if roi is None:
         maps, _ = predict_maps(image, model, norm=norm, scale=scale, progress=progress)
-        return SpotCandidates.from_maps(maps, image, min_threshold)
+        cands = SpotCandidates.from_maps(maps, image, min_threshold)
+        cands.n_nonfinite = norm.n_nonfinite
+        return cands
     box = clip_roi(roi, image.shape)
     wy0, wy1, wx0, wx1 = roi_window(box, image.shape, model.net)
     window = image[wy0:wy1, wx0:wx1]
@@ -107,7 +114,9 @@ def detect_candidates(
     cands = SpotCandidates.from_maps(maps, window, min_threshold)
     origin = (float(wy0), float(wx0))
     keep = in_box(cands.spots.coords + np.asarray(origin), box)
-    return SpotCandidates(subset(cands.spots, keep, origin), cands.logits[keep], min_threshold)
+    out = SpotCandidates(subset(cands.spots, keep, origin), cands.logits[keep], min_threshold)
+    out.n_nonfinite = norm.n_nonfinite
+    return out
 
 
 # --------------------------------------------------------------------------- spot tables

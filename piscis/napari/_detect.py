@@ -29,6 +29,7 @@ from ._common import (
     Relay,
     WorkerMixin,
     notify_error,
+    notify_info,
     state_for,
     status_label,
 )
@@ -241,6 +242,8 @@ class DetectWidget(WorkerMixin, QWidget):
         md = _layers.meta(points)
         md.update(role="detections", image=image_layer.name, model=model_name, shape=tuple(shape))
         self._result = {"candidates": cands, "points": points, "image": image_layer}
+        if cands.n_nonfinite:
+            notify_info(f"piscis: {cands.n_nonfinite} non-finite (NaN or infinite) pixels ignored")
         self.threshold.blockSignals(True)
         self.threshold.setValue(threshold)
         self.threshold.blockSignals(False)
@@ -259,9 +262,11 @@ class DetectWidget(WorkerMixin, QWidget):
         _layers.set_points(points, spots.coords, _layers.spots_features(spots))
         _layers.meta(points)["threshold"] = float(threshold)
         self.last_update_s = time.perf_counter() - t0
-        self.status.setText(
-            f"{len(spots)} spots at threshold {threshold:.2f} in {self._result['image'].name}"
-        )
+        text = f"{len(spots)} spots at threshold {threshold:.2f} in {self._result['image'].name}"
+        n_bad = getattr(cands, "n_nonfinite", 0)
+        if n_bad:
+            text += f" ({n_bad} non-finite pixels ignored)"
+        self.status.setText(text)
 
     @property
     def points_layer(self):
