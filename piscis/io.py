@@ -294,8 +294,11 @@ def memory_limit() -> int:
         return 8 << 30
 
 
-def check_memory(path, shape, dtype) -> None:
+def check_memory(path, shape, dtype, plane: int | None = None) -> None:
     """Refuse, before reading it, an image whose declared size does not fit in memory.
+
+    ``plane`` is the number of pixels of the plane detection works on (default: the
+    product of the last two axes).
 
     Raises
     ------
@@ -305,7 +308,8 @@ def check_memory(path, shape, dtype) -> None:
     shape = tuple(int(n) for n in shape)
     itemsize = np.dtype(dtype).itemsize
     n = int(np.prod(shape, dtype=object)) if shape else 0
-    plane = int(shape[-2]) * int(shape[-1]) if len(shape) >= 2 else n
+    if plane is None:
+        plane = int(shape[-2]) * int(shape[-1]) if len(shape) >= 2 else n
     need = n * itemsize + WORK_BYTES_PER_PIXEL * plane
     limit = memory_limit()
     if need > limit:
@@ -335,7 +339,7 @@ def _read_png(path: Path):
     size = _png_size(path)
     if size is None:
         raise InputError(f"{path}: not a readable PNG (no PNG signature and header)")
-    check_memory(path, (size[0], size[1], size[2]), np.uint8)
+    check_memory(path, size, np.uint8, plane=size[0] * size[1])
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

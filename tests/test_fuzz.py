@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,3 +206,22 @@ def test_fuzz_count_folder_of_malformed_files(tmp_path, spotty_model):
     for csv_path in sorted((tmp_path / "out" / "spots").glob("*.csv")):
         assert csv_path.read_bytes() == (tmp_path / "out2" / "spots" / csv_path.name).read_bytes()
     assert sum(int(v) for v in counted.values()) > 0  # the model did find 'spots'
+
+
+def test_memory_guard_refuses_before_reading(tmp_path, monkeypatch):
+    """A declared size over the limit is refused with the size and what to do; the
+    limit is half the free memory, or $PISCIS_MAX_IMAGE_BYTES."""
+    from piscis.io import InputError, memory_limit, read_image
+
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((64, 64), np.uint16))
+    (tmp_path / "b.png").write_bytes(_png_bytes(np.zeros((64, 64, 3), np.uint8)))
+    assert read_image(tmp_path / "a.tif").image.shape == (64, 64)
+    monkeypatch.setenv("PISCIS_MAX_IMAGE_BYTES", "40000")
+    assert memory_limit() == 40000
+    need = 64 * 64 * 2 + 12 * 64 * 64
+    with pytest.raises(
+        InputError, match=rf"a\.tif: declares a 64x64 uint16 image \({need / 1e9:.3g} GB"
+    ):
+        read_image(tmp_path / "a.tif")
+    with pytest.raises(InputError, match=r"b\.png: declares a 64x64x3 uint8 image.*crop or split"):
+        read_image(tmp_path / "b.png")
