@@ -152,7 +152,7 @@ class _Capture(logging.Handler):
 
 def _streamed(path: Path, opts) -> object | None:
     """The lazy plane when the image is to be streamed from its file, else None."""
-    from .lazy import STREAM_PIXELS, is_zarr, open_lazy
+    from .lazy import is_zarr, open_lazy
 
     if is_zarr(path):
         if opts.cells_mode:
@@ -168,7 +168,7 @@ def _streamed(path: Path, opts) -> object | None:
         plane = open_lazy(path, channel=opts.channel, axes=opts.axes)
     except InputError:
         return None  # the in-memory reader gives the message (or reads what this cannot)
-    return plane if plane.size > STREAM_PIXELS else None
+    return plane if plane.size > opts.stream_pixels else None
 
 
 def _result(job: Job, opts, table: dict, shape, cell_rows=(), segmented=None) -> Result:
@@ -266,7 +266,7 @@ def _run_image(job: Job, opts, split: bool, progress) -> Result | Plan:
     model = _model(opts.model)
     plane = _streamed(path, opts)
     if plane is not None:
-        if split and plane.size > SPLIT_PIXELS:
+        if split and plane.size > opts.split_pixels:
             n_rows = tile_rows(plane.shape, model, opts.tile_size)
             if n_rows > BAND_ROWS:
                 norm = lazy_normalization(plane, model.compression, model.contrast_ratio)
@@ -316,16 +316,25 @@ def task_options(args, model_path: str) -> argparse.Namespace:
     keep = {k: getattr(args, k, None) for k in RECORD_OPTIONS}
     keep["tile_size"] = args.tile_size
     keep["cells_mode"] = bool(getattr(args, "cells_mode", False))
+    # When to stream an image from its file, and to split it on a cluster: they change
+    # memory and tasks, never the results.
+    from . import lazy
+
+    keep["stream_pixels"] = int(os.environ.get("PISCIS_STREAM_PIXELS", lazy.STREAM_PIXELS))
+    keep["split_pixels"] = SPLIT_PIXELS
     return argparse.Namespace(model=model_path, **keep)
 
 
 # --------------------------------------------------------------------------- executors
 
 
-def run_serial(jobs: list[Job], opts, progress_bar=None) -> Iterator[Result]:
-    """Run the jobs one after the other in this process, in order."""
+def run_serial(jobs: list[Job], opts, show_tiles: bool = False) -> Iterator[Result]:
+    """Run the jobs one after the other in this process, in order.
+
+    With ``show_tiles`` a streamed image gets a progress bar of its tiles.
+    """
     for job in jobs:
-        tiles = _TileBar(progress_bar)
+        tiles = _TileBar(show_tiles)
         try:
             yield run_image(job, opts, progress=tiles)
         finally:
@@ -335,16 +344,16 @@ def run_serial(jobs: list[Job], opts, progress_bar=None) -> Iterator[Result]:
 class _TileBar:
     """A second progress bar, for the tiles of a streamed image."""
 
-    def __init__(self, parent):
-        self.parent, self.bar = parent, None
+    def __init__(self, show: bool):
+        self.show, self.bar = show, None
 
     def __call__(self, done: int, total: int) -> None:
-        if self.parent is None or self.parent.disable or total < 2:
+        if not self.show or total < 2:
             return
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="tiles", unit="tile", leave=False, position=1)
+            self.bar = tqdm(total=total, desc="tiles", unit="tile", leave=False)
         self.bar.n = done
         self.bar.refresh()
 
@@ -554,6 +563,19 @@ def run_record(command: str, args, images: list[Path], model_path: str) -> dict:
         "options": opts,
         "images": [str(f) for f in images],
     }
+
+
+def output_files(folder: Path) -> dict[str, bytes]:
+    """Every file of an output folder by relative path, to compare two runs: the run
+    record's lines sorted (they come in the order the images finished)."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == RECORD_NAME:
+                data = b"".join(sorted(data.splitlines(keepends=True)))
+            out[str(p.relative_to(folder))] = data
+    return out
 
 
 def remove_temporaries(folders: list[Path]) -> None:

@@ -466,7 +466,7 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         logger.info("running on the Dask cluster %s", client.scheduler.address)
         results = batch.run_dask(jobs, opts, client)
     else:
-        results = batch.run_serial(jobs, opts, bar)
+        results = batch.run_serial(jobs, opts, show_tiles=not args.quiet)
     try:
         for result in results:
             path = Path(result.path)
