@@ -895,7 +895,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        logger.error("interrupted; finished outputs are complete, the others were not written")
+        logger.error(
+            "interrupted; finished outputs are complete, the others were not written "
+            "(the same command again resumes the run)"
+        )
         return 130
 
 

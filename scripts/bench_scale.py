@@ -35,15 +35,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 REAL = ROOT.parent / "shared" / "data" / "real" / "insta-smfish" / "image.png"
 
+# Run piscis and print this process's peak resident memory: VmHWM, which (unlike
+# ru_maxrss, kept across exec from the parent) belongs to this process alone.
 PEAK = (
-    "import resource, runpy, sys\n"
+    "import runpy, sys\n"
     "sys.argv = ['piscis', *sys.argv[1:]]\n"
     "try:\n"
     "    runpy.run_module('piscis', run_name='__main__')\n"
     "finally:\n"
-    "    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-    "    print(f'PEAK_RSS_MB {kb / 1024:.0f}', file=sys.stderr)\n"
+    "    from pathlib import Path\n"
+    "    st = Path('/proc/self/status').read_text().split('VmHWM:')[1].split()[0]\n"
+    "    print(f'PEAK_RSS_MB {int(st) / 1024:.0f}', file=sys.stderr)\n"
 )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (Linux: VmHWM)."""
+    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
 
 
 def run_count(args: list[str], env: dict | None = None) -> tuple[int, float, float, str]:
@@ -198,9 +206,7 @@ def _cluster_run(folder: Path, out: Path, n_workers: int) -> tuple[float, list[f
         rc, wall, peak, err = run_count(
             [str(folder), "-o", str(out), "-q", "--scheduler", cluster.scheduler_address]
         )
-        import resource
-
-        workers = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        workers = client.run(peak_rss_mb)
     return wall, [peak, *workers.values()], rc
 
 
