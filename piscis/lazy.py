@@ -358,22 +358,26 @@ def tile_rows(shape, model, tile_size: int) -> int:
     return len(_grid(shape, load_model(model).net, tile_size)[0])
 
 
-def check_memory(tile_size: int, name: str = "image", margin: int = 64) -> None:
-    """Refuse a tile size whose inference would not fit in the memory available.
+def check_memory(tile: int | tuple[int, int], name: str = "image", margin: int = 64) -> None:
+    """Refuse tiles (``tile`` px, or (height, width) of the core) whose inference would
+    not fit in the memory available.
 
     Raises :class:`MemoryError` with a message suggesting a smaller ``--tile-size``.
     """
-    need = (tile_size + 2 * margin) ** 2 * BYTES_PER_TILE_PIXEL
+    ty, tx = (tile, tile) if isinstance(tile, int) else tile
+    need = (ty + 2 * margin) * (tx + 2 * margin) * BYTES_PER_TILE_PIXEL
     avail = _available_memory()
     if avail is not None and need > avail:
-        smaller = max(
-            128, 2 ** int(math.log2(max(1, math.sqrt(avail / BYTES_PER_TILE_PIXEL) - 2 * margin)))
-        )
-        msg = (
-            f"{name}: tiles of {tile_size} px need about {need / 2**20:.0f} MB but "
-            f"{avail / 2**20:.0f} MB are available; pass a smaller --tile-size (e.g. {smaller})"
-        )
-        raise MemoryError(msg)
+        raise MemoryError(_memory_message(name, max(ty, tx), avail, margin, need))
+
+
+def _memory_message(name: str, tile: int, avail: float, margin: int, need=None) -> str:
+    side = math.sqrt(max(avail, 1) / BYTES_PER_TILE_PIXEL) - 2 * margin
+    smaller = max(64, min(tile // 2, 2 ** int(math.log2(max(side, 64)))))
+    what = "ran out of memory"
+    if need is not None:
+        what = f"need about {need / 2**20:.0f} MB but {avail / 2**20:.0f} MB are available"
+    return f"{name}: tiles of {tile} px {what}; pass a smaller --tile-size (e.g. {smaller})"
 
 
 def _available_memory() -> int | None:
@@ -421,6 +425,7 @@ def detect_blocks(
     h, w = plane.shape
     ys, xs, core_y, core_x, margin = _grid(plane.shape, net, tile_size)
     rows = range(len(ys)) if rows is None else rows
+    check_memory((core_y, core_x), plane.name if hasattr(plane, "name") else "image", margin)
     total = len(rows) * len(xs)
     parts, n_nonfinite, done = [], 0, 0
     for r in rows:
@@ -438,7 +443,16 @@ def detect_blocks(
             tile = np.zeros((core_y + 2 * margin, core_x + 2 * margin), np.float32)
             oy, ox = wy0 - (y0 - margin), wx0 - (x0 - margin)
             tile[oy : oy + raw.shape[0], ox : ox + raw.shape[1]] = norm.apply(raw)
-            out = _forward(net, tile[None])[0]
+            try:
+                out = _forward(net, tile[None])[0]
+            except (MemoryError, RuntimeError) as e:  # torch: "can't allocate memory"
+                if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
+                    raise
+                name = getattr(plane, "name", "image")
+                avail = _available_memory() or 0
+                raise MemoryError(
+                    _memory_message(name, max(core_y, core_x), avail, margin)
+                ) from None
 
             # Decode a window 2 px larger than the core (voting and NMS look 2 px out).
             win = out[:, margin - 2 : margin + ch + 2, margin - 2 : margin + cw + 2]
@@ -509,7 +523,8 @@ def detect_lazy(
             f"{name}: --scale {scale:g} is not available for images streamed from the file (only 1)"
         )
         raise NotImplementedError(msg)
-    check_memory(tile_size, name)
+    _, _, core_y, core_x, margin = _grid(plane.shape, loaded.net, tile_size)
+    check_memory((core_y, core_x), name, margin)  # before the normalisation's reads
     norm = lazy_normalization(plane, loaded.compression, loaded.contrast_ratio)
     min_snr = loaded.min_snr if min_snr is None else float(min_snr)
     part = detect_blocks(plane, loaded, norm, threshold, None, tile_size, min_snr, progress)

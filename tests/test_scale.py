@@ -109,7 +109,7 @@ def test_lazy_channels_and_bad_input_name_the_file(tmp_path):
 def test_too_little_memory_stops_cleanly_with_a_smaller_tile_size(tmp_path, monkeypatch, capsys):
     img, _ = spot_image(np.random.default_rng(5), (256, 256), n_spots=10)
     zarr.open_array(tmp_path / "a.zarr", mode="w", shape=img.shape, dtype=img.dtype)[:] = img
-    monkeypatch.setattr(lazy, "_available_memory", lambda: 400 * 2**20)
+    monkeypatch.setattr(lazy, "_available_memory", lambda: 20 * 2**20)  # 256 px tiles: 29 MB
     rc = cli.main(
         ["count", str(tmp_path / "a.zarr"), "-o", str(tmp_path / "out"), "--tile-size", "4096"]
     )
@@ -309,3 +309,46 @@ def test_interrupted_run_resumed_gives_the_same_files(folder, serial, tmp_path, 
     assert output_files(out) == output_files(serial)
     lines = [json.loads(x) for x in rec.read_text().splitlines()]
     assert len({x["name"] for x in lines[1:]}) == 12 == len(lines) - 1
+
+
+def test_address_space_cap_stops_cleanly_and_the_suggestion_runs(tmp_path):
+    """C18: a tile size too large for the memory left is an error naming the file and a
+    smaller --tile-size, not an out-of-memory kill; the suggested size runs."""
+    import resource
+
+    rng = np.random.default_rng(6)
+    img = np.clip(rng.normal(100, 5, (2304, 2304)), 0, None).astype(np.uint16)
+    arr = zarr.open_array(
+        tmp_path / "m.zarr", mode="w", shape=img.shape, chunks=(512, 512), dtype=img.dtype
+    )
+    arr[:] = img
+
+    def cap():  # 1.5 GB of address space for the piscis process
+        resource.setrlimit(resource.RLIMIT_AS, (1536 * 2**20, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "piscis", "count", str(tmp_path / "m.zarr"), "-q"]
+
+    def run(tile: int, out: str):
+        return subprocess.run(
+            [*cmd, "-o", str(tmp_path / out), "--tile-size", str(tile)],
+            env=env,
+            capture_output=True,
+            text=True,
+            preexec_fn=cap,
+            timeout=300,
+        )
+
+    r = run(2304, "big")
+    assert r.returncode == 1, r.stderr
+    line = next(x for x in r.stderr.splitlines() if "smaller --tile-size" in x)
+    assert "m.zarr" in line and "MB are available" in line  # refused before any tile
+    # Follow the suggestions: each failure is the same clean message (the check before
+    # the tiles, or torch's own allocation failure caught), until a size runs.
+    tile, k = 2304, 0
+    while r.returncode != 0 and k < 4:
+        line = next(x for x in r.stderr.splitlines() if "smaller --tile-size" in x)
+        assert "Traceback" not in r.stderr and r.returncode == 1
+        tile, k = int(line.split("(e.g. ")[1].split(")")[0]), k + 1
+        r = run(tile, f"try{k}")
+    assert r.returncode == 0 and tile >= 256, (tile, r.stderr)
