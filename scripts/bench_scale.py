@@ -202,7 +202,7 @@ def _cluster_run(folder: Path, out: Path, n_workers: int) -> tuple[float, list[f
         ) as cluster,
         Client(cluster) as client,
     ):
-        client.run(lambda: __import__("piscis.batch"))  # workers started and warm
+        client.run(lambda: __import__("piscis.detect"))  # workers started, torch imported
         rc, wall, peak, err = run_count(
             [str(folder), "-o", str(out), "-q", "--scheduler", cluster.scheduler_address]
         )
