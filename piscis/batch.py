@@ -412,7 +412,9 @@ def run_dask(jobs: list[Job], opts, client, retries: int = 1) -> Iterator[Result
 
     tasks: dict = {}  # future -> (kind, job, extra, attempt)
     for job in jobs:
-        job = dataclasses.replace(job, file=str(Path(job.file or job.path).resolve()))
+        # Workers may run elsewhere: absolute paths for the image and its masks.
+        masks = tuple((k, f, str(Path(w).resolve()) if f else w) for k, f, w in job.masks)
+        job = dataclasses.replace(job, file=str(Path(job.file or job.path).resolve()), masks=masks)
         fut = submit(_image_task, job, opts, key_prefix=f"piscis-image-{job.index}")
         tasks[fut] = ("image", job, None, 0)
     bands: dict[int, dict] = {}  # job index -> {"plan", "parts": {start: Part}, "n"}
@@ -526,7 +528,7 @@ class RunState:
         """The record of an image whose outputs are all there, else None."""
         for rec in reversed(self._read()[1:]):
             if rec.get("name") == name:
-                files = [target, *(Path(f) for f in rec.get("files", []))]
+                files = [target, *(self.path.parent / f for f in rec.get("files", []))]
                 return rec if all(f.exists() for f in files) else None
         return None
 
@@ -544,7 +546,7 @@ class RunState:
             "row": result.row,
             "cells_text": result.cells_text,
             "n_spots": result.n_spots,
-            "files": [str(f) for f in files],
+            "files": [Path(os.path.relpath(f, self.path.parent)).as_posix() for f in files],
         }
         with open(self.path, "a", newline="") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")

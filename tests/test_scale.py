@@ -256,6 +256,28 @@ def test_killed_worker_mid_run_every_result_is_there(cluster, folder, serial, tm
     assert output_files(out) == output_files(serial)
 
 
+def test_per_cell_counts_and_saved_masks_through_the_cluster(cluster, tmp_path):
+    rng = np.random.default_rng(12)
+    d = tmp_path / "in"
+    d.mkdir()
+    yy, xx = np.mgrid[:256, :256]
+    for i in range(3):
+        spots, _ = spot_image(rng, (256, 256), n_spots=40)
+        dapi = np.full((256, 256), 100.0) + rng.normal(0, 5, (256, 256))
+        for cy, cx in rng.uniform(40, 216, (4, 2)):
+            dapi[(yy - cy) ** 2 + (xx - cx) ** 2 < 18**2] += 600
+        stack = np.stack([spots, np.clip(dapi, 0, None).astype(np.uint16)])
+        tifffile.imwrite(d / f"c{i}.tif", stack, imagej=True, metadata={"axes": "CYX"})
+    args = ["count", str(d), "-q", "--channel", "0", "--nuclei-channel", "1", "--save-masks"]
+    assert cli.main([*args, "-o", str(tmp_path / "s")]) == 0
+    assert (
+        cli.main([*args, "-o", str(tmp_path / "c"), "--scheduler", cluster.scheduler_address]) == 0
+    )
+    files = output_files(tmp_path / "s")
+    assert "cells.csv" in files and "masks/c2.nuclei.tif" in files
+    assert output_files(tmp_path / "c") == files
+
+
 def test_huge_image_is_split_into_band_tasks(cluster, tmp_path, monkeypatch, model):
     shape = (1100, 900)
     write_large(tmp_path / "h.zarr", shape, render_field(jittered_grid(shape, 150, seed=9), seed=9))
