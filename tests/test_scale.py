@@ -63,6 +63,19 @@ def test_lazy_zarr_ome_zarr_and_tiff_give_the_in_memory_spots(tmp_path, model):
         assert _same_spots(lazy.detect_lazy(plane, model, tile_size=256), ref), name
 
 
+def test_lazy_float_image_with_nan_pixels(tmp_path, model, caplog):
+    img, _ = spot_image(np.random.default_rng(8), (300, 280), n_spots=30, dtype=np.float32)
+    img[5:9, 100:140] = np.nan
+    img[200, 3] = np.inf
+    zarr.open_array(
+        tmp_path / "f.zarr", mode="w", shape=img.shape, chunks=(128, 128), dtype=img.dtype
+    )[:] = img
+    with caplog.at_level("WARNING", logger="piscis"):
+        got = lazy.detect_lazy(lazy.open_lazy(tmp_path / "f.zarr"), model, tile_size=128, name="f")
+    assert "f: 161 non-finite (NaN or infinite) pixels are ignored" in caplog.text
+    assert _same_spots(got, detect(img, model, tile_size=128)) and len(got) >= 28
+
+
 def test_lazy_sample_rule_on_an_image_larger_than_the_sample(tmp_path, model):
     """Above SAMPLE_PIXELS the statistics come from a grid of blocks, read from the file."""
     from piscis.detect import SAMPLE_PIXELS, estimate_normalization
