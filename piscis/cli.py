@@ -62,12 +62,16 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
     """
     images: list[Path] = []
     failures: list[tuple[str, str]] = []
+    from .lazy import is_zarr
+
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        if is_zarr(p):
+            images.append(p)
+        elif p.is_dir():
             found = []
             for f in sorted(p.iterdir()):
-                if f.is_file() and is_image_name(f):
+                if (f.is_file() and is_image_name(f)) or is_zarr(f):
                     found.append(f)
                 elif f.is_file():
                     logger.info("%s: not an image file, skipped", f)
@@ -80,7 +84,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
             matches = sorted(Path(m) for m in glob.glob(item))
             if not matches:
                 failures.append((item, "no file matches this pattern"))
-            images.extend(m for m in matches if m.is_file() and is_image_name(m))
+            images.extend(m for m in matches if (m.is_file() and is_image_name(m)) or is_zarr(m))
         else:
             failures.append((item, "no such file or folder"))
     # The same file named twice is read once.
@@ -325,10 +329,13 @@ def _write_labels(path: Path, labels: np.ndarray) -> None:
 
 
 def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
+    from . import batch
     from .cells import CELL_COLUMNS
-    from .io import atomic_write_text, load_model, table_text, write_table
+    from .io import atomic_write_text, load_model, model_dir, table_text
 
     problem = _check_cell_options(args)
+    if problem is None and getattr(args, "workers", None) is not None and args.workers < 1:
+        problem = f"--workers must be 1 or more, got {args.workers}"
     if problem:
         logger.error("%s", problem)
         return 2
@@ -353,25 +360,39 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
     out_dir = summary_path.parent if summary_path is not None else spots_dir
     cells_path = out_dir / "cells.csv" if cells_mode else None
     names = output_names(images)
-    targets = [spots_dir / f"{names[f]}.csv" for f in images]
+    targets = {f: spots_dir / f"{names[f]}.csv" for f in images}
+    try:
+        model_path = str(model_dir(args.model).resolve())
+    except InputError as e:
+        logger.error("%s", e)
+        return 2
+    state = batch.RunState(out_dir)
+    record = batch.run_record(args.command, args, images, model_path)
+    resume = False
     if not args.overwrite:
-        existing = [t for t in targets if t.exists()]
+        existing = [t for t in targets.values() if t.exists()]
         for extra in (cells_path, summary_path):
             if extra is not None and extra.exists():
                 existing.insert(0, extra)
         if save_masks:
             for n in names.values():
                 existing += sorted((out_dir / "masks").glob(f"{glob.escape(n)}.*.tif"))
-        if existing:
+        resume = state.matches(record)
+        if existing and not resume:
+            why = " from a run with other options or inputs" if state.exists() else ""
             logger.error(
-                "%s already holds results (%s%s); pass --overwrite or choose another output folder",
+                "%s already holds results%s (%s%s); pass --overwrite or choose another output "
+                "folder (the same command resumes a stopped run)",
                 args.output,
+                why,
                 existing[0].name,
                 f" and {len(existing) - 1} more" if len(existing) > 1 else "",
             )
             return 2
+    else:
+        state.reset()
     try:
-        model = load_model(args.model)
+        model = load_model(model_path)
     except (InputError, OSError) as e:
         logger.error("%s", e)
         return 2
@@ -379,63 +400,101 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
     if not 0 < threshold < 1:
         logger.error("--threshold must be a probability between 0 and 1, got %s", threshold)
         return 2
+    batch.remove_temporaries([spots_dir, out_dir, out_dir / "masks"])
 
     from tqdm import tqdm
 
     columns = SUMMARY_COLUMNS + (SUMMARY_CELL_COLUMNS if cells_mode else [])
     cell_columns = ["image", *CELL_COLUMNS]
-    rows: list[dict] = []
-    cells_text = [table_text(_columns([], cell_columns))]  # the header, then each image's rows
+    rows: dict[int, dict] = {}  # input index -> summary row; written in input order
+    cells_text: dict[int, str] = {}
+    jobs = []
+    for i, path in enumerate(images):
+        done = state.done(names[path], targets[path]) if resume else None
+        if done is not None:
+            rows[i], cells_text[i] = done["row"], done["cells_text"]
+            continue
+        where = tuple(
+            (kind, isinstance(found[path], Path), str(found[path])) for kind, found in masks.items()
+        )
+        jobs.append(batch.Job(i, str(path), names[path], where))
+    if resume and not jobs:
+        logger.info(
+            "%s: all %d image(s) already done; nothing to do (pass --overwrite to run again)",
+            args.output,
+            len(images),
+        )
+        return 1 if failures else 0
+    if resume:
+        logger.info(
+            "resuming the run in %s: %d of %d image(s) already done",
+            out_dir,
+            len(rows),
+            len(images),
+        )
+    state.start(record, keep=resume)
 
     def write_tables():  # rewritten after each image: an interrupted run keeps them
+        order = sorted(rows)
         if summary_path is not None:
-            atomic_write_text(summary_path, table_text(_columns(rows, columns)))
+            atomic_write_text(summary_path, table_text(_columns([rows[i] for i in order], columns)))
         if cells_path is not None:
-            atomic_write_text(cells_path, "".join(cells_text))
+            text = table_text(_columns([], cell_columns))
+            atomic_write_text(cells_path, text + "".join(cells_text[i] for i in order))
 
     t0 = time.time()
-    n_total = 0
-    bar = tqdm(images, desc="images", unit="image", disable=args.quiet or len(images) < 2)
-    for path, target in zip(images, targets):
-        bar.set_postfix_str(path.name[-30:])
+    n_total = sum(r["n_spots"] for r in rows.values())
+    n_new = 0
+    bar = tqdm(
+        total=len(images),
+        initial=len(rows),
+        desc="images",
+        unit="image",
+        disable=args.quiet or len(images) < 2,
+    )
+    opts = batch.task_options(args, model_path)
+    failed: dict[int, tuple[str, str]] = {}
+    client = None
+    if args.scheduler is not None or args.workers is not None:
         try:
-            image, table, cell_rows, segmented = _count_one(path, args, model, masks)
-            write_table(target, table)
+            client = batch.dask_client(args.scheduler, args.workers)
+        except InputError as e:
+            bar.close()
+            logger.error("%s", e)
+            return 2
+        logger.info("running on the Dask cluster %s", client.scheduler.address)
+        results = batch.run_dask(jobs, opts, client)
+    else:
+        results = batch.run_serial(jobs, opts, show_tiles=not args.quiet)
+    try:
+        for result in results:
+            path = Path(result.path)
+            if result.error is not None:
+                logger.error("%s", result.error)
+                failed[result.index] = (result.path, result.error)
+                bar.update(1)
+                continue
+            atomic_write_text(targets[path], result.spots_text)
+            written = []
             if save_masks:
                 for kind in ("cells", "nuclei"):
-                    if kind in segmented:
-                        _write_labels(
-                            out_dir / "masks" / f"{names[path]}.{kind}.tif", segmented[kind]
-                        )
-        # RuntimeError: torch's own out-of-memory error on a CPU; one image must not end the run.
-        except (InputError, ValueError, TypeError, OSError, MemoryError, RuntimeError) as e:
-            msg = str(e) if str(path) in str(e) else f"{path}: {e}"
-            logger.error("%s", msg)
-            failures.append((str(path), msg))
+                    if kind in result.segmented:
+                        written.append(out_dir / "masks" / f"{names[path]}.{kind}.tif")
+                        _write_labels(written[-1], result.segmented[kind])
+            state.finish(result, written)
+            rows[result.index], cells_text[result.index] = result.row, result.cells_text
+            n_total += result.n_spots
+            n_new += 1
+            write_tables()
             bar.update(1)
-            continue
-        n_spots = len(table["y"])
-        n_total += n_spots
-        row = {
-            "image": str(path),
-            "n_spots": n_spots,
-            "height": image.shape[0],
-            "width": image.shape[1],
-            "threshold": threshold,
-            "model": model.name,
-        }
-        if cells_mode:
-            row["n_cells"] = len(cell_rows)
-            row["n_spots_in_cells"] = int(np.count_nonzero(np.asarray(table["cell_id"]) > 0))
-            text = table_text(
-                _columns([{"image": str(path), **r} for r in cell_rows], cell_columns)
-            )
-            cells_text.append(text.split("\n", 1)[1])  # without the header
-        rows.append(row)
-        write_tables()
-        bar.update(1)
-        bar.set_postfix(spots=n_total)
+            rate = n_new / max(time.time() - t0, 1e-9)
+            bar.set_postfix(spots=n_total, img_per_s=f"{rate:.2f}")
+    finally:
+        results.close()
+        if client is not None:
+            batch.close_client(client)
     bar.close()
+    failures += [failed[i] for i in sorted(failed)]  # in input order, whatever ran first
     if rows or not failures:
         # A run where every image failed leaves no summary, so it can simply be re-run.
         write_tables()
@@ -717,7 +776,26 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
         help="only the spots in this rectangle (pixels; clipped to each image; the "
         "network still sees its surroundings, so the spots are the whole image's)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace existing results")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing results (without it, the same command resumes a stopped run)",
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        default=None,
+        help="run one task per image on this dask.distributed scheduler (tcp://HOST:PORT); "
+        "needs pip install 'piscis[dask]'",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        default=None,
+        help="run on a local Dask cluster of N worker processes of one thread each",
+    )
 
 
 def _roi_arg(text: str) -> tuple[float, float, float, float]:
@@ -915,7 +993,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        logger.error("interrupted; finished outputs are complete, the others were not written")
+        logger.error(
+            "interrupted; finished outputs are complete, the others were not written "
+            "(the same command again resumes the run)"
+        )
         return 130
 
 

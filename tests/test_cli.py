@@ -21,6 +21,7 @@ from skimage import io as skio
 
 import piscis
 from piscis import cli
+from piscis.batch import RECORD_NAME as RECORD
 
 SPOT_COLUMNS = ["y", "x", "score", "intensity", "background"]
 
@@ -93,7 +94,7 @@ def test_count_folder_with_bad_files(tmp_path, mixed_folder, tiny_model, capsys)
     assert sorted(p.name for p in (out / "spots").iterdir()) == ["a.csv", "b.csv", "c.csv"]
     for stem in shapes:
         assert _table(out / "spots" / f"{stem}.csv")[0] == SPOT_COLUMNS
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files
+    assert [p.name for p in out.rglob(".*")] == [RECORD]  # no temp files; the run record
 
     error_lines = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert any("x.tif" in line and "0 bytes" in line for line in error_lines)
@@ -124,12 +125,19 @@ def test_count_again_needs_overwrite(tmp_path, mixed_folder, tiny_model, capsys)
     out = tmp_path / "out"
     assert _run(capsys, "count", *good, "-o", out, "--model", tiny_model)[0] == 0
     before = _snapshot(out)
-    assert set(before) == {"summary.csv", "spots/a.csv", "spots/b.csv"}
+    assert set(before) == {RECORD, "summary.csv", "spots/a.csv", "spots/b.csv"}
 
+    # The same command again: a finished run, nothing to do, nothing written.
     rc, _, err = _run(capsys, "count", *good, "-o", out, "--model", tiny_model)
-    assert rc == 2
-    assert "--overwrite" in err and "summary.csv" in err
+    assert rc == 0
+    assert "already done" in err and "--overwrite" in err
     assert _snapshot(out) == before  # same files, same bytes, same mtimes
+
+    # Other options on the same folder: refused.
+    rc, _, err = _run(capsys, "count", *good, "-o", out, "--model", tiny_model, "--min-snr", "3")
+    assert rc == 2
+    assert "--overwrite" in err and "summary.csv" in err and "other options" in err
+    assert _snapshot(out) == before
 
     # Only one of the spot tables would be replaced: still refused.
     rc, _, _ = _run(capsys, "detect", d / "a.tif", "-o", out / "spots", "--model", tiny_model)
@@ -165,7 +173,7 @@ def test_detect_writes_dir_stem_csv(tmp_path, tiny_model, capsys):
     out = tmp_path / "out"
     rc, _, err = _run(capsys, "detect", d, "-o", out, "--model", tiny_model)
     assert rc == 0, err
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != RECORD)
     assert names == ["four.csv", "one.csv", "three.csv", "two.csv"]
     for name in names:
         assert _table(out / name)[0] == SPOT_COLUMNS
@@ -180,7 +188,7 @@ def test_detect_same_stem_does_not_overwrite(tmp_path, tiny_model, capsys):
     out = tmp_path / "out"
     rc, _, err = _run(capsys, "detect", d / "a.tif", d / "a.png", "-o", out, "--model", tiny_model)
     assert rc == 0, err
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != RECORD)
     assert len(names) == 2 and names[0] == "a.csv", names
     assert repr(names[1].removesuffix(".csv")) in err  # the renamed output is announced
     assert "also named 'a'" in err
@@ -226,7 +234,7 @@ def test_channel_on_grey_image_fails_for_that_file(tmp_path, tiny_model, capsys)
         "grey.tif" in line and "--channel 5" in line and "no channel axis" in line
         for line in err.splitlines()
     )
-    assert [p.name for p in out.iterdir()] == ["colour.csv"]  # the 6-channel image is fine
+    assert sorted(p.name for p in out.iterdir()) == [RECORD, "colour.csv"]  # 6 channels: fine
 
 
 def test_channel_picks_a_plane_of_a_colour_image(tmp_path, tiny_model, capsys):

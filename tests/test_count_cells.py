@@ -28,6 +28,7 @@ from skimage.segmentation import expand_labels, find_boundaries
 import piscis
 import piscis.io
 from piscis import cli
+from piscis.batch import RECORD_NAME as RECORD
 from piscis.cells import CELL_COLUMNS
 from piscis.io import InputError, read_channels, table_text
 from piscis.synth import render_spots
@@ -334,7 +335,7 @@ def test_cli_counts_exact_from_mask_files_and_same_as_api(tmp_path, detector, ca
     expected = {"image": [str(img)] * len(cell_rows)}
     expected |= {k: [r[k] for r in cell_rows] for k in CELL_COLUMNS}
     assert (out / "cells.csv").read_text() == table_text(expected)
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files
+    assert [p.name for p in out.rglob(".*")] == [RECORD]  # no temp files; the run record
 
 
 # ------------------------------------------------------------- counts: our segmentation
@@ -392,7 +393,7 @@ def test_cli_counts_exact_from_own_segmentation(tmp_path, detector, capsys):
     np.testing.assert_array_equal(masks["cells"], cells)
     assert (out / "spots" / "img.csv").read_text() == table_text(spots)
     assert [r["n_spots"] for r in cell_rows] == [int(r["n_spots"]) for r in rows]
-    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files
+    assert [p.name for p in out.rglob(".*")] == [RECORD]  # no temp files; the run record
 
 
 def test_tiff_and_cellpose_seg_npy_give_identical_counts(tmp_path, detector, capsys):
@@ -909,6 +910,7 @@ def test_cell_results_are_not_overwritten(tmp_path, tiny_model, capsys):
         "--save-masks",
     ]
     assert _run(capsys, *argv)[0] == 0
+    (out / RECORD).unlink()  # results of a run without a record (the same command resumes)
     (out / "summary.csv").unlink()
     for p in (out / "spots").iterdir():
         p.unlink()

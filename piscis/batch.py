@@ -1,0 +1,594 @@
+"""Many images: one pure function per image, run in this process or on a Dask cluster,
+and a run record that lets a stopped run resume.
+
+:func:`run_image` turns one image into its results (the spot table as CSV text, the
+summary row, the cell rows and any segmented masks) without writing anything; the
+serial loop, a local cluster (``--workers N``) and a remote dask.distributed scheduler
+(``--scheduler ADDRESS``) all call it, so their files are byte for byte the same. Only
+the calling process writes, each file through a temporary file and a rename, in this
+order: the spot table, the masks, then the image's completion record. The run record
+(:class:`RunState`, ``OUTPUT/.piscis-run.jsonl``) holds the options of the run and one line per
+finished image; the same command run again skips the images whose record is there.
+
+A huge image streamed from its file (:mod:`piscis.lazy`) is split on a cluster into
+bands of tile rows, one task each, after one task has measured its normalisation.
+
+dask, distributed and zarr are optional: ``pip install 'piscis[dask]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .io import InputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Job",
+    "Plan",
+    "Result",
+    "RunState",
+    "dask_client",
+    "run_band",
+    "run_dask",
+    "run_image",
+    "run_serial",
+]
+
+RECORD_NAME = ".piscis-run.jsonl"  # the run record, inside the output folder
+SPLIT_PIXELS = 4096 * 4096  # streamed images larger than this are split into bands on a cluster
+BAND_ROWS = 2  # tile rows per band task
+# The options that make two runs the same command (-q, -v, --scheduler, --workers,
+# --overwrite do not change the results).
+RECORD_OPTIONS = (
+    "threshold",
+    "scale",
+    "tile_size",
+    "min_snr",
+    "channel",
+    "axes",
+    "roi",
+    "cells",
+    "nuclei",
+    "nuclei_channel",
+    "cytoplasm_channel",
+    "nucleus_diameter",
+    "min_nucleus_area",
+    "expand",
+    "save_masks",
+    "cells_mode",
+)
+# Errors that fail one image (the others go on). RuntimeError: torch's own
+# out-of-memory error on a CPU.
+IMAGE_ERRORS = (InputError, ValueError, TypeError, OSError, MemoryError, RuntimeError)
+MODEL_LOADS = 0  # how many times this process loaded a model (once per worker)
+_MODELS: dict[str, object] = {}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image of a run: its place in the input order, file, output stem and masks."""
+
+    index: int
+    path: str  # as the user gave it: how results and messages name the image
+    name: str
+    masks: tuple = ()  # ((kind, found, the mask's path or the reason there is none), ...)
+    file: str | None = None  # where a worker reads it (an absolute path); None: ``path``
+
+
+@dataclass
+class Result:
+    """What one image gives; ``error`` set when it failed."""
+
+    index: int
+    path: str
+    name: str
+    error: str | None = None
+    spots_text: str = ""
+    row: dict = field(default_factory=dict)
+    cells_text: str = ""
+    n_spots: int = 0
+    segmented: dict = field(default_factory=dict)
+    logs: list = field(default_factory=list)  # (level, message) from a worker
+
+
+@dataclass
+class Plan:
+    """A huge streamed image to split: its normalisation and number of tile rows."""
+
+    norm: object
+    n_rows: int
+    shape: tuple
+
+
+# --------------------------------------------------------------------------- the work
+
+
+def _model(spec: str):
+    """The model, loaded once per process (a worker keeps it for all its tasks)."""
+    global MODEL_LOADS
+    if spec not in _MODELS:
+        from .io import load_model
+
+        _MODELS[spec] = load_model(spec)
+        MODEL_LOADS += 1
+    return _MODELS[spec]
+
+
+def _worker_setup() -> None:
+    """One torch thread per Dask worker (each worker is one process of one thread)."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return
+    import torch
+
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+class _Capture(logging.Handler):
+    """Collects the 'piscis' log records of a task, to be shown by the client."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelno, record.getMessage()))
+
+
+def _streamed(path: Path, opts) -> object | None:
+    """The lazy plane when the image is to be streamed from its file, else None."""
+    from .lazy import is_zarr, open_lazy
+
+    if is_zarr(path):
+        if opts.cells_mode:
+            msg = f"{path}: per-cell counts are not available for Zarr input; convert to TIFF"
+            raise InputError(msg)
+        if getattr(opts, "roi", None) is not None:
+            msg = f"{path}: --roi is not available for Zarr input; convert to TIFF or crop it"
+            raise InputError(msg)
+        return open_lazy(path, channel=opts.channel, axes=opts.axes)
+    if opts.cells_mode or getattr(opts, "roi", None) is not None:
+        return None  # whole-image reading (a ROI crops with its context there)
+    if path.suffix.lower() not in {".tif", ".tiff", ".btf", ".tf8"}:
+        return None
+    scale = opts.scale if opts.scale is not None else _model(opts.model).scale
+    if scale != 1.0:
+        return None
+    try:
+        plane = open_lazy(path, channel=opts.channel, axes=opts.axes)
+    except InputError:
+        return None  # the in-memory reader gives the message (or reads what this cannot)
+    return plane if plane.size > opts.stream_pixels else None
+
+
+def _result(job: Job, opts, table: dict, shape, cell_rows=(), segmented=None) -> Result:
+    from .cells import CELL_COLUMNS
+    from .io import table_text
+
+    model = _model(opts.model)
+    threshold = model.threshold if opts.threshold is None else opts.threshold
+    n = len(table["y"])
+    row = {
+        "image": job.path,
+        "n_spots": n,
+        "height": int(shape[0]),
+        "width": int(shape[1]),
+        "threshold": threshold,
+        "model": model.name,
+    }
+    cells_text = ""
+    if opts.cells_mode:
+        row["n_cells"] = len(cell_rows)
+        row["n_spots_in_cells"] = int(np.count_nonzero(np.asarray(table["cell_id"]) > 0))
+        names = ["image", *CELL_COLUMNS]
+        rows = [{"image": job.path, **r} for r in cell_rows]
+        cells_text = table_text({k: [r[k] for r in rows] for k in names}).split("\n", 1)[1]
+    return Result(
+        job.index,
+        job.path,
+        job.name,
+        spots_text=table_text(table),
+        row=row,
+        cells_text=cells_text,
+        n_spots=n,
+        segmented=segmented or {},
+    )
+
+
+def _spots_result(job: Job, opts, spots, shape) -> Result:
+    if len(spots) == 0:
+        logger.warning("%s: no spots detected", job.path)
+    return _result(job, opts, dict(spots.columns()), shape)
+
+
+def run_image(
+    job: Job,
+    opts,
+    *,
+    capture: bool = False,
+    split: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Result | Plan:
+    """Count the spots of one image; write nothing. The same in every process.
+
+    ``opts`` holds the command's options (:func:`task_options`). With ``capture`` the
+    log messages come back in the result instead of being emitted here (for a
+    worker). With ``split`` a huge streamed image is not run but returned as a
+    :class:`Plan` for :func:`run_band` tasks.
+    """
+    _worker_setup()
+    log = logging.getLogger("piscis")
+    handler, propagate = None, log.propagate
+    if capture:
+        handler = _Capture()
+        log.addHandler(handler)
+        log.propagate = False
+    try:
+        out = _run_image(job, opts, split, progress)
+    except (*IMAGE_ERRORS, NotImplementedError) as e:
+        msg = _as_given(job, str(e))
+        msg = msg if job.path in msg else f"{job.path}: {msg}"
+        out = Result(job.index, job.path, job.name, error=msg)
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            log.propagate = propagate
+    if handler is not None and isinstance(out, Result):
+        out.logs = [(level, _as_given(job, m)) for level, m in handler.records]
+    return out
+
+
+def _as_given(job: Job, message: str) -> str:
+    """A message naming the image as the user named it (not by a worker's absolute path)."""
+    return message if job.file is None else message.replace(job.file, job.path)
+
+
+def _image_task(job: Job, opts) -> Result | Plan:
+    """:func:`run_image` as a cluster task: messages come back, huge images are split."""
+    return run_image(job, opts, capture=True, split=True)
+
+
+def _run_image(job: Job, opts, split: bool, progress) -> Result | Plan:
+    from .cli import _count_one
+    from .lazy import detect_lazy, lazy_normalization, tile_rows
+
+    path = Path(job.file or job.path)
+    model = _model(opts.model)
+    plane = _streamed(path, opts)
+    if plane is not None:
+        if split and plane.size > opts.split_pixels:
+            n_rows = tile_rows(plane.shape, model, opts.tile_size)
+            if n_rows > BAND_ROWS:
+                norm = lazy_normalization(plane, model.compression, model.contrast_ratio)
+                return Plan(norm, n_rows, plane.shape)
+        spots = detect_lazy(
+            plane,
+            model,
+            threshold=opts.threshold,
+            scale=opts.scale,
+            tile_size=opts.tile_size,
+            min_snr=opts.min_snr,
+            name=str(path),
+            progress=progress,
+        )
+        return _spots_result(job, opts, spots, plane.shape)
+    masks = {kind: {path: Path(where) if found else where} for kind, found, where in job.masks}
+    image, table, cell_rows, segmented = _count_one(path, opts, model, masks)
+    return _result(job, opts, table, image.shape, cell_rows, segmented)
+
+
+def run_band(job: Job, opts, plan: Plan, rows: tuple[int, int]):
+    """The spots of tile rows ``rows`` (start, stop) of a planned image (a task)."""
+    from .lazy import detect_blocks, open_lazy
+
+    _worker_setup()
+    model = _model(opts.model)
+    plane = open_lazy(job.file or job.path, channel=opts.channel, axes=opts.axes)
+    threshold = model.threshold if opts.threshold is None else opts.threshold
+    min_snr = model.min_snr if opts.min_snr is None else opts.min_snr
+    return detect_blocks(plane, model, plan.norm, threshold, range(*rows), opts.tile_size, min_snr)
+
+
+def merge_bands(job: Job, opts, plan: Plan, parts: list) -> Result:
+    """The result of a split image from its bands (in the calling process)."""
+    from .lazy import merge_parts
+
+    n_nonfinite = sum(p.n_nonfinite for p in parts)
+    if n_nonfinite:
+        logger.warning(
+            "%s: %d non-finite (NaN or infinite) pixels are ignored", job.path, n_nonfinite
+        )
+    return _spots_result(job, opts, merge_parts(parts), plan.shape)
+
+
+def task_options(args, model_path: str) -> argparse.Namespace:
+    """The options a task needs (picklable), from the command's arguments."""
+    keep = {k: getattr(args, k, None) for k in RECORD_OPTIONS}
+    keep["tile_size"] = args.tile_size
+    keep["cells_mode"] = bool(getattr(args, "cells_mode", False))
+    # When to stream an image from its file, and to split it on a cluster: they change
+    # memory and tasks, never the results.
+    from . import lazy
+
+    keep["stream_pixels"] = int(os.environ.get("PISCIS_STREAM_PIXELS", lazy.STREAM_PIXELS))
+    keep["split_pixels"] = SPLIT_PIXELS
+    return argparse.Namespace(model=model_path, **keep)
+
+
+# --------------------------------------------------------------------------- executors
+
+
+def run_serial(jobs: list[Job], opts, show_tiles: bool = False) -> Iterator[Result]:
+    """Run the jobs one after the other in this process, in order.
+
+    With ``show_tiles`` a streamed image gets a progress bar of its tiles.
+    """
+    for job in jobs:
+        tiles = _TileBar(show_tiles)
+        try:
+            yield run_image(job, opts, progress=tiles)
+        finally:
+            tiles.close()
+
+
+class _TileBar:
+    """A second progress bar, for the tiles of a streamed image."""
+
+    def __init__(self, show: bool):
+        self.show, self.bar = show, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.show or total < 2:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc="tiles", unit="tile", leave=False)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def dask_client(scheduler: str | None = None, workers: int | None = None):
+    """A dask.distributed client: of a running scheduler, or of a new local cluster.
+
+    The local cluster has ``workers`` processes of one thread each, bound to
+    127.0.0.1, without a dashboard.
+    """
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        msg = "--scheduler and --workers need dask.distributed: pip install 'piscis[dask]'"
+        raise InputError(msg) from None
+    if scheduler is not None:
+        try:
+            return Client(scheduler, timeout="30s")
+        except (OSError, TimeoutError) as e:
+            raise InputError(f"--scheduler {scheduler}: cannot connect ({e})") from None
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the workers inherit it
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        silence_logs=logging.ERROR,
+    )
+    client = Client(cluster)
+    client._piscis_cluster = cluster  # closed with the client by run_dask's caller
+    return client
+
+
+def close_client(client) -> None:
+    cluster = getattr(client, "_piscis_cluster", None)
+    client.close()
+    if cluster is not None:
+        cluster.close()
+
+
+def run_dask(jobs: list[Job], opts, client, retries: int = 1) -> Iterator[Result]:
+    """Run the jobs on a Dask cluster, one task per image (per band of a huge image).
+
+    Results come as they finish; a task that raises or loses its worker is submitted
+    again up to ``retries`` times, then its image is reported as failed.
+    """
+    from distributed import as_completed
+
+    def submit(func, *a, key_prefix):
+        return client.submit(func, *a, pure=False, key=f"{key_prefix}-{time.monotonic_ns()}")
+
+    tasks: dict = {}  # future -> (kind, job, extra, attempt)
+    for job in jobs:
+        # Workers may run elsewhere: absolute paths for the image and its masks.
+        masks = tuple((k, f, str(Path(w).resolve()) if f else w) for k, f, w in job.masks)
+        job = dataclasses.replace(job, file=str(Path(job.file or job.path).resolve()), masks=masks)
+        fut = submit(_image_task, job, opts, key_prefix=f"piscis-image-{job.index}")
+        tasks[fut] = ("image", job, None, 0)
+    bands: dict[int, dict] = {}  # job index -> {"plan", "parts": {start: Part}, "n"}
+    queue = as_completed(list(tasks))
+    for fut in queue:
+        kind, job, extra, attempt = tasks.pop(fut)
+        try:
+            out = fut.result()
+        except Exception as e:  # noqa: BLE001  (any task failure: retry, then report)
+            fut.release()
+            if attempt < retries:
+                logger.warning("%s: task failed (%s: %s); retrying", job.path, type(e).__name__, e)
+                if kind == "image":
+                    new = submit(
+                        run_image,
+                        job,
+                        opts,
+                        True,
+                        True,
+                        None,
+                        key_prefix=f"piscis-image-{job.index}",
+                    )
+                else:
+                    new = submit(
+                        run_band,
+                        job,
+                        opts,
+                        bands[job.index]["plan"],
+                        extra,
+                        key_prefix=f"piscis-band-{job.index}",
+                    )
+                tasks[new] = (kind, job, extra, attempt + 1)
+                queue.add(new)
+                continue
+            bands.pop(job.index, None)
+            failed = {f for f, t in tasks.items() if t[1].index == job.index}
+            for f in failed:
+                tasks.pop(f)
+                f.cancel()
+            msg = f"{job.path}: failed twice on the cluster ({type(e).__name__}: {e})"
+            yield Result(job.index, job.path, job.name, error=msg)
+            continue
+        fut.release()
+        if kind == "image" and isinstance(out, Plan):
+            starts = list(range(0, out.n_rows, BAND_ROWS))
+            bands[job.index] = {"plan": out, "parts": {}, "n": len(starts)}
+            for s in starts:
+                rows = (s, min(out.n_rows, s + BAND_ROWS))
+                new = submit(run_band, job, opts, out, rows, key_prefix=f"piscis-band-{job.index}")
+                tasks[new] = ("band", job, rows, 0)
+                queue.add(new)
+            continue
+        if kind == "band":
+            if job.index not in bands:  # the image already failed
+                continue
+            entry = bands[job.index]
+            entry["parts"][extra[0]] = out
+            if len(entry["parts"]) < entry["n"]:
+                continue
+            del bands[job.index]
+            parts = [entry["parts"][k] for k in sorted(entry["parts"])]
+            yield merge_bands(job, opts, entry["plan"], parts)
+            continue
+        for level, message in out.logs:
+            logging.getLogger("piscis.batch").log(level, "%s", message)
+        yield out
+
+
+# --------------------------------------------------------------------------- run record
+
+
+class RunState:
+    """The run record ``OUTPUT/.piscis-run.jsonl``: the run's options, then one line per
+    finished image (its summary row and cell rows), appended and flushed to disk after
+    the image's outputs are renamed into place.
+
+    A line cut short by a killed run is ignored; :meth:`start` rewrites the file with
+    the complete lines only, through a temporary file and a rename.
+    """
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / RECORD_NAME
+        self._lines: list[dict] | None = None
+
+    def _read(self) -> list[dict]:
+        if self._lines is None:
+            self._lines = []
+            try:
+                text = self.path.read_text()
+            except OSError:
+                return self._lines
+            for line in text.splitlines():
+                try:
+                    self._lines.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # cut short by a killed run
+        return self._lines
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def matches(self, record: dict) -> bool:
+        lines = self._read()
+        return bool(lines) and lines[0].get("run") == json.loads(json.dumps(record))
+
+    def reset(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._lines = []
+
+    def done(self, name: str, target: Path) -> dict | None:
+        """The record of an image whose outputs are all there, else None."""
+        for rec in reversed(self._read()[1:]):
+            if rec.get("name") == name:
+                files = [target, *(self.path.parent / f for f in rec.get("files", []))]
+                return rec if all(f.exists() for f in files) else None
+        return None
+
+    def start(self, record: dict, keep: bool) -> None:
+        """Begin the record: the options, and with ``keep`` the finished images so far."""
+        from .io import atomic_write_text
+
+        lines = [{"run": record}] + (self._read()[1:] if keep else [])
+        self._lines = lines
+        atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
+
+    def finish(self, result: Result, files: list[Path]) -> None:
+        rec = {
+            "name": result.name,
+            "row": result.row,
+            "cells_text": result.cells_text,
+            "n_spots": result.n_spots,
+            "files": [Path(os.path.relpath(f, self.path.parent)).as_posix() for f in files],
+        }
+        with open(self.path, "a", newline="") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._read().append(rec)
+
+
+def run_record(command: str, args, images: list[Path], model_path: str) -> dict:
+    """What makes two runs the same command: the options, the model and the images."""
+    opts = {k: getattr(args, k, None) for k in RECORD_OPTIONS}
+    opts["tile_size"] = args.tile_size
+    return {
+        "command": command,
+        "model": model_path,
+        "options": opts,
+        "images": [str(f) for f in images],
+    }
+
+
+def output_files(folder: Path) -> dict[str, bytes]:
+    """Every file of an output folder by relative path, to compare two runs: the run
+    record's lines sorted (they come in the order the images finished)."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p.name == RECORD_NAME:
+                data = b"".join(sorted(data.splitlines(keepends=True)))
+            out[str(p.relative_to(folder))] = data
+    return out
+
+
+def remove_temporaries(folders: list[Path]) -> None:
+    """Temporary files left by a killed run (``.NAME.*.tmp``): never results, removed."""
+    for folder in folders:
+        if folder.is_dir():
+            for f in folder.glob(".*.tmp"):
+                f.unlink(missing_ok=True)
