@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -141,14 +142,41 @@ def _worker_setup() -> None:
 
 
 class _Capture(logging.Handler):
-    """Collects the 'piscis' log records of a task, to be shown by the client."""
+    """Collects the 'piscis' log records of a task (its own thread's), for the client."""
 
     def __init__(self):
         super().__init__(logging.INFO)
+        self.thread = threading.get_ident()
         self.records: list[tuple[int, str]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.levelno, record.getMessage()))
+        if record.thread == self.thread:
+            self.records.append((record.levelno, record.getMessage()))
+
+
+# Tasks of an in-process cluster run in threads at once: the 'piscis' logger stops
+# propagating while any of them captures, and is put back when the last one ends.
+_CAPTURE_LOCK = threading.Lock()
+_CAPTURING = [0, True]  # tasks capturing now, the logger's own propagate
+
+
+def _start_capture(log: logging.Logger) -> _Capture:
+    handler = _Capture()
+    with _CAPTURE_LOCK:
+        if _CAPTURING[0] == 0:
+            _CAPTURING[1] = log.propagate
+            log.propagate = False
+        _CAPTURING[0] += 1
+        log.addHandler(handler)
+    return handler
+
+
+def _stop_capture(log: logging.Logger, handler: _Capture) -> None:
+    with _CAPTURE_LOCK:
+        log.removeHandler(handler)
+        _CAPTURING[0] -= 1
+        if _CAPTURING[0] == 0:
+            log.propagate = _CAPTURING[1]
 
 
 def _streamed(path: Path, opts) -> object | None:
@@ -234,11 +262,7 @@ def run_image(
     """
     _worker_setup()
     log = logging.getLogger("piscis")
-    handler, propagate = None, log.propagate
-    if capture:
-        handler = _Capture()
-        log.addHandler(handler)
-        log.propagate = False
+    handler = _start_capture(log) if capture else None
     try:
         out = _run_image(job, opts, split, progress)
     except (*IMAGE_ERRORS, NotImplementedError) as e:
@@ -247,8 +271,7 @@ def run_image(
         out = Result(job.index, job.path, job.name, error=msg)
     finally:
         if handler is not None:
-            log.removeHandler(handler)
-            log.propagate = propagate
+            _stop_capture(log, handler)
     if handler is not None and isinstance(out, Result):
         out.logs = [(level, _as_given(job, m)) for level, m in handler.records]
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -45,10 +46,18 @@ def spotty_model(tmp_path_factory):
     return _small_model(tmp_path_factory.mktemp("models") / "spotty", "spotty", 2.0, 0.5, 6)
 
 
-@pytest.fixture(autouse=True)
-def _restore_piscis_logger():
-    """cli.main() installs its own handler on the 'piscis' logger; undo it after each test."""
+@contextlib.contextmanager
+def piscis_logger_kept():
+    """cli.main() installs its own handler on the 'piscis' logger; undo it on leaving."""
     log = logging.getLogger("piscis")
     saved = (log.handlers[:], log.level, log.propagate)
-    yield
-    log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+    try:
+        yield
+    finally:
+        log.handlers[:], log.level, log.propagate = saved[0], saved[1], saved[2]
+
+
+@pytest.fixture(autouse=True)
+def _restore_piscis_logger():
+    with piscis_logger_kept():
+        yield

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from conftest import piscis_logger_kept
 
 from piscis import batch, cli, lazy
 from piscis.batch import RECORD_NAME, output_files
@@ -226,7 +227,8 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def serial(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("serial") / "out"
-    rc = cli.main(["count", str(folder), "-o", str(out), "-q"])
+    with piscis_logger_kept():  # a module fixture: before the per-test restore
+        rc = cli.main(["count", str(folder), "-o", str(out), "-q"])
     assert rc == 1  # the broken file
     return out
 
