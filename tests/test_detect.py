@@ -86,7 +86,7 @@ def test_decode_breaks_ties_on_plateaus():
 
 def test_rejects_non_2d_and_odd_dtypes(random_model):
     with pytest.raises(ValueError, match="2D"):
-        detect(np.zeros((3, 8, 8)), random_model)
+        detect(np.zeros((2, 3, 8, 8)), random_model)
     with pytest.raises(TypeError, match="bool"):
         detect(np.zeros((8, 8), bool), random_model)
     with pytest.raises(ValueError, match="threshold"):

@@ -1,0 +1,567 @@
+"""3D (Z, Y, X) spot detection with the 2D network (README "3D stacks").
+
+1. One normalisation for the whole volume, from a sample over all planes
+   (:func:`volume_normalization`), so a dim plane is not stretched.
+2. Per plane (read as ``vol[z]``, so a lazy zarr or memmap volume streams), the 2D
+   network tiled exactly as in 2D, decoded at the threshold: only peak lists are kept
+   (:func:`volume_peaks`), never the float maps of the volume.
+3. Peaks of consecutive planes within ``LINK_DISTANCE`` px in yx are linked into chains
+   (one plane may be skipped); a chain whose intensity profile along z has two maxima
+   with a clear dip is split there (:func:`link_peaks`). A chain is one spot; chains
+   seen in fewer than ``min_planes`` planes are dropped (a spot's PSF spans several
+   planes, a hot pixel one).
+4. Each spot is measured on a crop of raw voxels read plane by plane
+   (:func:`measure_spots`): a pixel-integrated 3D Gaussian with separate widths in z
+   and yx gives the sub-slice z and the FWHMs; yx comes from the network in the best
+   planes.
+
+Memory: a few planes and the peak lists. Processing the volume in z-blocks (``z_block``)
+gives the same spots: each block is run with ``Z_HALO`` planes of context on either
+side and keeps the spots whose z lies in its own planes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import numpy as np
+from scipy.optimize import least_squares
+from scipy.spatial import cKDTree
+from scipy.special import erf
+
+from .detect import (
+    DEFAULT_TILE,
+    SAMPLE_PIXELS,
+    Normalization,
+    Spots,
+    _plane_peaks,
+    estimate_normalization,
+    spot_intensities,
+    spot_significance,
+)
+
+logger = logging.getLogger(__name__)
+
+LINK_DISTANCE = 1.5  # px in yx between peaks of consecutive planes of one spot
+Z_HALO = 8  # planes of context on either side of a z-block
+DIP_RATIO = 0.8  # a chain splits where its profile falls below this share of both maxima
+DIP_SIGMAS = 4.0  # ... and by more than this many noise standard deviations
+ELONGATED = 1.3  # FWHM_z above this multiple of the volume's median: a possible z pair
+CROP_YX = 4  # half-size in px of the crop a spot is fitted on
+COLUMNS_3D = ("fwhm_z", "fwhm_yx", "fwhm_z_um", "fwhm_yx_um", "n_planes", "z_elongated")
+
+
+# --------------------------------------------------------------------------- input
+
+
+def check_volume(vol, name: str = "image"):
+    """Validate a (Z, Y, X) array-like (``.shape``, ``.dtype``, ``vol[z]``)."""
+    if not hasattr(vol, "shape") or not hasattr(vol, "dtype"):
+        vol = np.asarray(vol)
+    dtype = np.dtype(vol.dtype)
+    if dtype.kind not in "uif":
+        raise TypeError(
+            f"{name}: image dtype {dtype} is not supported: give integer or float pixels"
+        )
+    if len(vol.shape) != 3:
+        raise ValueError(f"{name}: a volume must be 3D (Z, Y, X), got shape {tuple(vol.shape)}")
+    if 0 in tuple(vol.shape):
+        raise ValueError(f"{name}: image has a zero-size axis: shape {tuple(vol.shape)}")
+    return vol
+
+
+def read_plane(vol, z: int) -> np.ndarray:
+    """Plane ``z`` as a native-byte-order array."""
+    plane = np.asarray(vol[int(z)])
+    if plane.dtype.byteorder not in "=|":
+        plane = plane.astype(plane.dtype.newbyteorder("="))
+    return plane
+
+
+def _volume_sample(vol, n: int = SAMPLE_PIXELS) -> np.ndarray:
+    """All planes, or evenly spaced planes, each sampled as :func:`detect._sample` does:
+    (k, Y, X) whole planes or (m, 64, 64) blocks."""
+    from .detect import _sample
+
+    nz, h, w = vol.shape
+    if nz * h * w <= n:
+        return np.stack([read_plane(vol, z) for z in range(nz)])
+    per_plane_min = 16 * 64 * 64
+    k = nz if n // nz >= per_plane_min else max(1, n // per_plane_min)
+    zs = np.unique(np.round(np.linspace(0, nz - 1, k)).astype(int))
+    parts = [_sample(read_plane(vol, z), n // len(zs)) for z in zs]
+    if parts[0].ndim == 2:
+        return np.stack(parts)
+    return np.concatenate(parts)
+
+
+def volume_normalization(vol, compression: float, contrast_ratio: float) -> Normalization:
+    """:func:`piscis.detect.estimate_normalization` on a sample over all planes."""
+    sample = _volume_sample(vol)
+    norm = estimate_normalization(sample, compression, contrast_ratio)
+    norm.n_nonfinite = 0  # counted plane by plane in volume_peaks
+    return norm
+
+
+# --------------------------------------------------------------------------- peaks per plane
+
+_W = np.exp(-0.5 * np.sum(np.mgrid[-2:3, -2:3] ** 2, axis=0))  # profile weights, sigma 1 px
+PROFILE_GAIN = float(np.sqrt(np.sum(_W**2)) / np.sum(_W))  # noise of a profile value / noise
+
+
+def _profile_values(plane: np.ndarray, coords: np.ndarray, background: float) -> np.ndarray:
+    """Gaussian-weighted (sigma 1 px, 5x5) mean of plane - background at each spot."""
+    if len(coords) == 0:
+        return np.zeros(0)
+    h, w = plane.shape
+    c = np.floor(coords + 0.5).astype(np.int64)
+    oy, ox = np.mgrid[-2:3, -2:3]
+    py = c[:, 0, None, None] + oy
+    px = c[:, 1, None, None] + ox
+    inside = (py >= 0) & (py < h) & (px >= 0) & (px < w)
+    vals = plane[np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)].astype(np.float64)
+    ok = inside & np.isfinite(vals)
+    wgt = np.where(ok, _W, 0.0)
+    num = np.sum(wgt * np.where(ok, vals - background, 0.0), axis=(1, 2))
+    den = np.sum(wgt, axis=(1, 2))
+    return np.where(den > 0, num / np.maximum(den, 1e-12), 0.0)
+
+
+def volume_peaks(
+    vol,
+    net,
+    norm: Normalization,
+    threshold: float,
+    scale: float = 1.0,
+    tile_size: int = DEFAULT_TILE,
+    planes=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """2D peaks of every plane in ``planes`` (default all): a dict of arrays
+    ``z`` (int), ``yx`` (N, 2), ``score``, ``signal`` (profile value, grey levels above
+    the volume's background) and ``nonfinite``: (n_planes,) non-finite voxels per plane
+    of ``planes``."""
+    nz = vol.shape[0]
+    planes = range(nz) if planes is None else planes
+    planes = list(planes)
+    zs, yxs, scores, signals = [], [], [], []
+    nonfinite = np.zeros(len(planes), np.int64)
+    for i, z in enumerate(planes):
+        plane = read_plane(vol, z)
+        if plane.dtype.kind == "f":
+            nonfinite[i] = plane.size - np.count_nonzero(np.isfinite(plane))
+
+        def tick(done, total, i=i):
+            if progress is not None:
+                progress(i * total + done, len(planes) * total)
+
+        coords, sc = _plane_peaks(plane, net, norm, threshold, scale, tile_size, tick)
+        zs.append(np.full(len(coords), z, np.int64))
+        yxs.append(coords)
+        scores.append(sc)
+        signals.append(_profile_values(plane, coords, norm.background))
+    cat = lambda a, shape: np.concatenate(a) if a else np.zeros(shape)  # noqa: E731
+    return {
+        "z": cat(zs, 0).astype(np.int64),
+        "yx": cat(yxs, (0, 2)).reshape(-1, 2),
+        "score": cat(scores, 0),
+        "signal": cat(signals, 0),
+        "nonfinite": nonfinite,
+    }
+
+
+# --------------------------------------------------------------------------- linking
+
+
+def _link(z: np.ndarray, yx: np.ndarray, distance: float = LINK_DISTANCE, gap: int = 1):
+    """Chain id per peak: peaks of consecutive planes (up to ``gap`` planes skipped)
+    within ``distance`` px in yx, matched greedily nearest first, one to one."""
+    n = len(z)
+    chain = np.full(n, -1, np.int64)
+    if n == 0:
+        return chain
+    order = np.lexsort((yx[:, 1], yx[:, 0], z))
+    z, yx = z[order], yx[order]
+    starts = np.searchsorted(z, np.unique(z))
+    bounds = dict(zip(np.unique(z).tolist(), zip(starts, [*starts[1:], n])))
+    last_seen: dict[int, int] = {}  # chain -> index of its last peak
+    next_id = 0
+    out = np.full(n, -1, np.int64)
+    for zz, (a, b) in bounds.items():
+        # Open chains: their last peak is 1..gap+1 planes before this one.
+        open_idx = [i for i in last_seen.values() if 1 <= zz - z[i] <= gap + 1]
+        taken_new = np.zeros(b - a, bool)
+        if open_idx:
+            open_idx = np.asarray(sorted(open_idx))
+            tree_new = cKDTree(yx[a:b])
+            tree_old = cKDTree(yx[open_idx])
+            pairs = tree_old.sparse_distance_matrix(tree_new, distance, output_type="ndarray")
+            if len(pairs):
+                io, inew, d = pairs["i"], pairs["j"], pairs["v"]
+                gapk = zz - z[open_idx[io]]  # prefer the nearest plane, then yx distance
+                for k in np.lexsort((inew, io, d, gapk)):
+                    old, new = open_idx[io[k]], inew[k]
+                    if taken_new[new] or out[old] in (-2,):
+                        continue
+                    cid = out[old]
+                    if last_seen.get(cid) != old:
+                        continue  # that chain was continued already
+                    out[a + new] = cid
+                    last_seen[cid] = a + new
+                    taken_new[new] = True
+        for j in np.flatnonzero(~taken_new):
+            out[a + j] = next_id
+            last_seen[next_id] = a + j
+            next_id += 1
+        # Forget chains that can no longer be continued.
+        for cid in [c for c, i in last_seen.items() if zz - z[i] > gap]:
+            del last_seen[cid]
+    chain[order] = out
+    return chain
+
+
+def _split_profile(zs: np.ndarray, signal: np.ndarray, noise: float) -> list[int]:
+    """Indices (into the z-sorted chain) where the chain splits: a minimum of the
+    profile that is below DIP_RATIO of the maxima on both sides and DIP_SIGMAS noise
+    standard deviations under both."""
+    n = len(zs)
+    if n < 3:
+        return []
+    p = signal.astype(np.float64)
+    cuts: list[int] = []
+    start = 0
+    i = 1
+    while i < n - 1:
+        left = p[start : i + 1]
+        imax_l = start + int(np.argmax(left))
+        # the deepest point between the left maximum and the best maximum after it
+        right = p[i + 1 :]
+        if imax_l >= i or not len(right):
+            i += 1
+            continue
+        imax_r = i + 1 + int(np.argmax(right))
+        seg = p[imax_l : imax_r + 1]
+        imin = imax_l + int(np.argmin(seg))
+        low, high = p[imin], min(p[imax_l], p[imax_r])
+        if imax_l < imin < imax_r and low < DIP_RATIO * high and high - low > DIP_SIGMAS * noise:
+            cuts.append(imin)
+            start = imin
+            i = imin + 1
+            continue
+        i += 1
+    return sorted(set(cuts))
+
+
+def link_peaks(peaks: dict, noise: float, min_planes: int = 2) -> list[np.ndarray]:
+    """Spots as lists of peak indices (each sorted by z): chains of :func:`_link`,
+    split at clear dips of their profile (:func:`_split_profile`; the minimum plane goes
+    to the brighter side), without chains of fewer than ``min_planes`` planes."""
+    chain = _link(peaks["z"], peaks["yx"])
+    if len(chain) == 0:
+        return []
+    order = np.lexsort((peaks["z"], chain))
+    bounds = np.flatnonzero(np.diff(chain[order])) + 1
+    groups = np.split(order, bounds)
+    out: list[np.ndarray] = []
+    prof_noise = noise * PROFILE_GAIN
+    for g in groups:
+        cuts = _split_profile(peaks["z"][g], peaks["signal"][g], prof_noise)
+        pieces, s0 = [], 0
+        for c in cuts:
+            # the dip plane joins the brighter of its two neighbours' sides
+            sig = peaks["signal"][g]
+            left_brighter = sig[c - 1] >= sig[c + 1]
+            pieces.append(g[s0 : c + 1] if left_brighter else g[s0:c])
+            s0 = c + 1 if left_brighter else c
+        pieces.append(g[s0:])
+        for piece in pieces:
+            if len(np.unique(peaks["z"][piece])) >= min_planes:
+                out.append(piece)
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _igauss(centres: np.ndarray, mu: float, sigma: float) -> np.ndarray:
+    """Pixel-integrated unit-peak Gaussian (peak 1 for a spot on a pixel centre)."""
+    k = 1.0 / (math.sqrt(2.0) * sigma)
+    g = 0.5 * (erf((centres + 0.5 - mu) * k) - erf((centres - 0.5 - mu) * k))
+    return g / (erf(0.5 * k))
+
+
+def _fit_gaussian(crop: np.ndarray, wgt: np.ndarray, z0, y0, x0, origin):
+    """Least-squares pixel-integrated 3D Gaussian (sigma_z, sigma_yx) on ``crop``.
+
+    Returns (z, y, x, sigma_z, sigma_yx, amplitude, background) in volume coordinates,
+    or None when the fit fails."""
+    zc = np.arange(crop.shape[0]) + origin[0]
+    yc = np.arange(crop.shape[1]) + origin[1]
+    xc = np.arange(crop.shape[2]) + origin[2]
+    ok = (wgt > 0) & np.isfinite(crop)
+    if ok.sum() < 20:
+        return None
+    data = crop[ok]
+    bg0 = float(np.percentile(data, 20))
+    amp0 = max(float(np.max(data)) - bg0, 1e-6)
+
+    def model(p):
+        a, b, mz, my, mx, sz, sr = p
+        g = (
+            _igauss(zc, mz, sz)[:, None, None]
+            * _igauss(yc, my, sr)[None, :, None]
+            * _igauss(xc, mx, sr)[None, None, :]
+        )
+        return b + a * g
+
+    def resid(p):
+        return (model(p) - crop)[ok]
+
+    p0 = [amp0, bg0, z0, y0, x0, 1.5, 1.2]
+    lo = [0.0, -np.inf, zc[0] - 0.5, y0 - 2, x0 - 2, 0.3, 0.3]
+    hi = [np.inf, np.inf, zc[-1] + 0.5, y0 + 2, x0 + 2, 3.0 * crop.shape[0], 3.0 * CROP_YX]
+    p0 = np.clip(p0, np.asarray(lo) + 1e-9, np.asarray(hi) - 1e-9)
+    scale_b = max(abs(amp0), 1e-6)
+    try:
+        r = least_squares(
+            resid, p0, bounds=(lo, hi), x_scale=[scale_b, scale_b, 1, 1, 1, 1, 1], max_nfev=200
+        )
+    except (ValueError, FloatingPointError):
+        return None
+    if not r.success or not np.all(np.isfinite(r.x)):
+        return None
+    a, b, mz, my, mx, sz, sr = r.x
+    return mz, my, mx, sz, sr, a, b
+
+
+def _parabolic_z(zs: np.ndarray, signal: np.ndarray) -> float:
+    """Sub-slice z of a profile's maximum: a Gaussian (log-parabola) through the
+    maximum and its two neighbours; the maximum's plane at the ends."""
+    k = int(np.argmax(signal))
+    if 0 < k < len(zs) - 1 and zs[k + 1] - zs[k] == 1 and zs[k] - zs[k - 1] == 1:
+        a, b, c = (max(float(v), 1e-9) for v in signal[k - 1 : k + 2])
+        la, lb, lc = math.log(a), math.log(b), math.log(c)
+        den = la - 2 * lb + lc
+        if den < 0:
+            return float(zs[k] + np.clip(0.5 * (la - lc) / den, -0.5, 0.5))
+    return float(zs[k])
+
+
+def measure_spots(
+    vol,
+    peaks: dict,
+    groups: list[np.ndarray],
+    norm: Normalization,
+    radius: float = 2.0,
+    spacing=None,
+) -> dict[str, np.ndarray]:
+    """Per spot: z, y, x, score, intensity, background, FWHMs, n_planes.
+
+    Raw voxels are read plane by plane (each plane once); a spot's crop spans its
+    chain's planes plus two on either side (at least 4 planes from its best plane),
+    and ``CROP_YX`` px in y and x. Voxels nearer another spot than this one are left
+    out of its fit. ``intensity`` and ``background`` are measured in the best plane as
+    in 2D (:func:`piscis.detect.spot_intensities`); ``snr`` likewise.
+    """
+    n = len(groups)
+    nz, h, w = vol.shape
+    out = {k: np.full(n, np.nan) for k in ("z", "y", "x", "score", "sz", "sr", "snr")}
+    out["intensity"] = np.full(n, np.nan)
+    out["background"] = np.full(n, np.nan)
+    out["n_planes"] = np.zeros(n, np.int64)
+    if n == 0:
+        return out
+    best = np.zeros(n, np.int64)
+    zlo = np.zeros(n, np.int64)
+    zhi = np.zeros(n, np.int64)
+    zinit = np.zeros(n)
+    yx = np.zeros((n, 2))
+    for i, g in enumerate(groups):
+        zs, sig = peaks["z"][g], peaks["signal"][g]
+        k = int(np.argmax(sig))
+        best[i] = zs[k]
+        near = np.abs(zs - zs[k]) <= 1
+        wts = np.clip(sig[near], 0, None) + 1e-9
+        yx[i] = np.sum(peaks["yx"][g][near] * wts[:, None], axis=0) / wts.sum()
+        out["score"][i] = float(np.max(peaks["score"][g]))
+        out["n_planes"][i] = len(np.unique(zs))
+        zinit[i] = _parabolic_z(zs, sig)
+        zlo[i] = max(0, min(zs[0] - 2, zs[k] - 4))
+        zhi[i] = min(nz - 1, max(zs[-1] + 2, zs[k] + 4))
+    # Neighbours, to leave their voxels out of each other's fits.
+    pos = np.column_stack([zinit, yx])
+    tree = cKDTree(pos * [1 / 1.5, 1, 1])
+    crops = {}
+    order = np.argsort(zlo, kind="stable")
+    active: list[int] = []
+    nxt = 0
+    r = CROP_YX
+    for z in range(int(zlo.min()), int(zhi.max()) + 1):
+        while nxt < n and zlo[order[nxt]] <= z:
+            active.append(int(order[nxt]))
+            nxt += 1
+        if not active:
+            continue
+        plane = read_plane(vol, z)
+        for i in active:
+            if i not in crops:
+                crops[i] = np.full((zhi[i] - zlo[i] + 1, 2 * r + 1, 2 * r + 1), np.nan)
+            cy, cx = int(round(yx[i, 0])), int(round(yx[i, 1]))
+            y0, y1, x0, x1 = max(cy - r, 0), min(cy + r + 1, h), max(cx - r, 0), min(cx + r + 1, w)
+            crops[i][z - zlo[i], y0 - cy + r : y1 - cy + r, x0 - cx + r : x1 - cx + r] = plane[
+                y0:y1, x0:x1
+            ]
+            if z == best[i]:
+                inten, bg = spot_intensities(
+                    plane, yx[i : i + 1], radius, (radius + 1.0, radius + 3.0)
+                )
+                out["intensity"][i], out["background"][i] = inten[0], bg[0]
+                out["snr"][i] = spot_significance(
+                    plane, yx[i : i + 1], bg, norm.noise, sigma=0.75 * radius
+                )[0]
+        done = [i for i in active if zhi[i] == z]
+        for i in done:
+            crop = crops.pop(i)
+            _fit_one(i, crop, zlo, yx, zinit, pos, tree, out)
+        active = [i for i in active if zhi[i] != z]
+    return out
+
+
+def _fit_one(i, crop, zlo, yx, zinit, pos, tree, out) -> None:
+    r = CROP_YX
+    cy, cx = int(round(yx[i, 0])), int(round(yx[i, 1]))
+    origin = (int(zlo[i]), cy - r, cx - r)
+    gz, gy, gx = np.meshgrid(
+        np.arange(crop.shape[0]) + origin[0],
+        np.arange(crop.shape[1]) + origin[1],
+        np.arange(crop.shape[2]) + origin[2],
+        indexing="ij",
+    )
+    wgt = np.ones(crop.shape)
+    others = [j for j in tree.query_ball_point(pos[i] * [1 / 1.5, 1, 1], 2 * r + 2) if j != i]
+    if others:
+        vox = np.stack([gz.ravel() / 1.5, gy.ravel(), gx.ravel()], 1)
+        d_own = np.sum((vox - pos[i] * [1 / 1.5, 1, 1]) ** 2, axis=1)
+        d_oth = np.min(
+            np.sum((vox[:, None, :] - (pos[others] * [1 / 1.5, 1, 1])[None]) ** 2, axis=2), axis=1
+        )
+        wgt = (d_own <= d_oth).reshape(crop.shape).astype(float)
+    fit = _fit_gaussian(crop, wgt, zinit[i], yx[i, 0], yx[i, 1], origin)
+    out["y"][i], out["x"][i] = yx[i]
+    out["z"][i] = zinit[i]
+    if fit is None:
+        return
+    mz, my, mx, sz, sr, a, b = fit
+    if abs(mz - zinit[i]) <= 1.5:
+        out["z"][i] = mz
+    out["sz"][i], out["sr"][i] = sz, sr
+
+
+# --------------------------------------------------------------------------- the detector
+
+
+def detect_volume(
+    vol,
+    loaded,
+    threshold: float,
+    scale: float,
+    tile_size: int,
+    progress=None,
+    name: str = "image",
+    min_snr: float = 0.0,
+    spacing=None,
+    z_block: int | None = None,
+    z_range=None,
+    min_planes: int | None = None,
+    norm: Normalization | None = None,
+) -> Spots:
+    """3D detection (see the module docstring); called by :func:`piscis.detect.detect`."""
+    vol = check_volume(vol, name)
+    nz = int(vol.shape[0])
+    if norm is None:
+        norm = volume_normalization(vol, loaded.compression, loaded.contrast_ratio)
+    if min_planes is None:
+        min_planes = 2 if nz >= 3 else 1
+    z0, z1 = (0, nz) if z_range is None else (max(0, int(z_range[0])), min(nz, int(z_range[1])))
+    if z0 >= z1:
+        raise ValueError(f"{name}: empty z range {z_range} for {nz} planes")
+    block = (z1 - z0) if not z_block else max(1, int(z_block))
+    parts = []
+    n_nonfinite = 0
+    starts = list(range(z0, z1, block))
+    for bi, b0 in enumerate(starts):
+        b1 = min(b0 + block, z1)
+        lo, hi = max(0, b0 - Z_HALO), min(nz, b1 + Z_HALO)
+        if len(starts) == 1 and z_range is None:
+            lo, hi = 0, nz
+
+        def tick(done, total, bi=bi):
+            if progress is not None:
+                progress(bi * total + done, len(starts) * total)
+
+        peaks = volume_peaks(
+            vol, loaded.net, norm, threshold, scale, tile_size, range(lo, hi), tick
+        )
+        n_nonfinite += int(peaks["nonfinite"][b0 - lo : b1 - lo].sum())
+        groups = link_peaks(peaks, norm.noise, min_planes)
+        m = measure_spots(vol, peaks, groups, norm, 2.0 / scale, spacing)
+        own = (m["z"] >= b0 - 0.5) & (m["z"] < b1 - 0.5)
+        if b0 == 0:
+            own |= m["z"] < -0.5
+        if b1 == nz:
+            own |= m["z"] >= nz - 0.5
+        parts.append({k: v[own] for k, v in m.items()})
+    m = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if n_nonfinite:
+        logger.warning("%s: %d non-finite (NaN or infinite) voxels are ignored", name, n_nonfinite)
+    if min_snr > 0 and norm.noise > 0 and len(m["z"]):
+        keep = ~(m["snr"] < min_snr)
+        m = {k: v[keep] for k, v in m.items()}
+    return _spots_3d(m, spacing, name)
+
+
+def _spots_3d(m: dict, spacing, name: str) -> Spots:
+    coords = np.column_stack([m["z"], m["y"], m["x"]]) if len(m["z"]) else np.zeros((0, 3))
+    order = np.lexsort((coords[:, 2], coords[:, 1], coords[:, 0])) if len(coords) else []
+    m = {k: np.asarray(v)[order] for k, v in m.items()}
+    coords = coords[order].reshape(-1, 3)
+    fz, fr = 2.3548 * m["sz"], 2.3548 * m["sr"]
+    elongated = np.zeros(len(coords), bool)
+    good = np.isfinite(fz)
+    if good.sum() >= 5:
+        med = float(np.median(fz[good]))
+        elongated = good & (fz > ELONGATED * med)
+        if elongated.any():
+            logger.warning(
+                "%s: %d spots are elongated in z (FWHM_z > %.1f x the median %.2f slices): "
+                "possibly two spots closer in z than the axial resolution, counted as one "
+                "(column z_elongated)",
+                name,
+                int(elongated.sum()),
+                ELONGATED,
+                med,
+            )
+    if spacing is not None:
+        sz_um, sy_um, sx_um = (float(s) for s in spacing)
+        fz_um, fr_um = fz * sz_um, fr * math.sqrt(sy_um * sx_um)
+    else:
+        fz_um = fr_um = np.full(len(coords), np.nan)
+    extra = {
+        "fwhm_z": fz,
+        "fwhm_yx": fr,
+        "fwhm_z_um": fz_um,
+        "fwhm_yx_um": fr_um,
+        "n_planes": m["n_planes"].astype(np.int64),
+        "z_elongated": elongated,
+    }
+    return Spots(coords, m["score"], m["intensity"], m["background"], extra)
+
+
+def empty_spots_3d() -> Spots:
+    z = np.zeros(0)
+    extra = {k: z.copy() for k in COLUMNS_3D}
+    extra["n_planes"] = np.zeros(0, np.int64)
+    extra["z_elongated"] = np.zeros(0, bool)
+    return Spots(np.zeros((0, 3)), z, z.copy(), z.copy(), extra)
