@@ -229,30 +229,35 @@ def test_channel_on_grey_image_fails_for_that_file(tmp_path, tiny_model, capsys)
     assert [p.name for p in out.iterdir()] == ["colour.csv"]  # the 6-channel image is fine
 
 
-def test_channel_picks_a_plane_of_a_colour_image(tmp_path, tiny_model, capsys):
+def test_colour_image_without_channel_gives_every_channel(tmp_path, tiny_model, capsys):
     rgb = np.stack([(_image(s) // 4).astype(np.uint8) for s in (20, 21, 22)], axis=-1)
     img = tmp_path / "rgb.png"
     skio.imsave(img, rgb, check_contrast=False)
     out = tmp_path / "out"
     rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
-    assert rc == 1 and "--channel" in err
-    assert not (out / "spots" / "rgb.csv").exists()
+    assert rc == 0, err
+    columns, rows = _table(out / "summary.csv")
+    assert columns == [*cli.SUMMARY_COLUMNS, "c"]
+    assert [r["c"] for r in rows] == ["0", "1", "2"]
+    assert _table(out / "spots" / "rgb.csv")[0] == ["c", *SPOT_COLUMNS]
     out = tmp_path / "out2"
     rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--channel", "1")
     assert rc == 0, err
-    assert (out / "spots" / "rgb.csv").exists()
+    assert _table(out / "summary.csv")[0] == cli.SUMMARY_COLUMNS  # --channel: one image
+    assert _table(out / "spots" / "rgb.csv")[0] == SPOT_COLUMNS
 
 
-def test_z_stack_is_projected_with_one_warning(tmp_path, tiny_model, capsys):
+def test_z_stack_projected_with_project(tmp_path, tiny_model, capsys):
     img = tmp_path / "stack.tif"
     z = np.stack([_image(s) for s in (23, 24, 25)])
     tifffile.imwrite(img, z, imagej=True, metadata={"axes": "ZYX"})
     out = tmp_path / "out"
-    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
-    assert rc == 0
-    assert err.count("3 z-planes max-projected") == 1
-    row = _table(out / "summary.csv")[1][0]
-    assert (row["height"], row["width"]) == ("32", "40")
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--project")
+    assert rc == 0, err
+    assert err.count("3 z-planes max-projected (--project)") == 1
+    columns, rows = _table(out / "summary.csv")
+    assert columns == cli.SUMMARY_COLUMNS  # a projected stack is a 2D image
+    assert (rows[0]["height"], rows[0]["width"]) == ("32", "40")
 
 
 def test_axes_option(tmp_path, tiny_model, capsys):
@@ -260,10 +265,12 @@ def test_axes_option(tmp_path, tiny_model, capsys):
     yxz = np.stack([_image(s, (24, 30)) for s in (26, 27, 28, 29, 30)], axis=-1)
     tifffile.imwrite(img, yxz, metadata=None, photometric="minisblack")
     out = tmp_path / "out"
-    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--axes", "YXZ")
+    argv = ["count", img, "-o", out, "--model", tiny_model, "--axes", "YXZ", "--project"]
+    rc, _, err = _run(capsys, *argv)
     assert rc == 0, err
     row = _table(out / "summary.csv")[1][0]
     assert (row["height"], row["width"]) == ("24", "30")
+    assert "axes ZYX, shape (5, 24, 30) (--axes)" in err
     assert "5 z-planes" in err
 
 

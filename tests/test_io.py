@@ -6,6 +6,7 @@ from how the input was built.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import warnings
@@ -161,13 +162,19 @@ def _stack(n: int, seed: int) -> np.ndarray:
     return rng.integers(0, 1000, (n, *SHAPE)).astype(np.uint16)
 
 
-def test_imagej_hyperstack_zyx_is_max_projected_with_a_note(tmp_path):
+def test_imagej_hyperstack_zyx_stays_3d_unless_projected(tmp_path, caplog):
     z = _stack(4, 10)
     path = tmp_path / "ij.tif"
     tifffile.imwrite(path, z, imagej=True, metadata={"axes": "ZYX"})
-    data = read_image(path)
-    np.testing.assert_array_equal(data.image, z.max(axis=0))
-    assert len(data.notes) == 1 and "4 z-planes max-projected" in data.notes[0]
+    with caplog.at_level(logging.INFO, logger="piscis.io"):
+        data = read_image(path)
+    np.testing.assert_array_equal(data.image, z)
+    assert data.axes == "ZYX" and data.notes == []
+    assert "ij.tif: axes ZYX, shape (4, 24, 36) (ImageJ metadata)" in caplog.text
+    flat = read_image(path, project=True)
+    np.testing.assert_array_equal(flat.image, z.max(axis=0))
+    assert flat.axes == "YX"
+    assert len(flat.notes) == 1 and "4 z-planes max-projected (--project)" in flat.notes[0]
 
 
 def test_imagej_hyperstack_zcyx_with_channel(tmp_path):
@@ -177,8 +184,9 @@ def test_imagej_hyperstack_zcyx_with_channel(tmp_path):
     with pytest.raises(InputError, match="--channel"):
         read_image(path)
     data = read_image(path, channel=1)
-    np.testing.assert_array_equal(data.image, arr[:, 1].max(axis=0))
-    assert any("3 z-planes" in n for n in data.notes)
+    np.testing.assert_array_equal(data.image, arr[:, 1])
+    assert data.axes == "ZYX"
+    np.testing.assert_array_equal(read_image(path, channel=1, project=True).image, arr[:, 1].max(0))
 
 
 @pytest.mark.parametrize("suffix", [".ome.tif", ".ome.tiff"])
@@ -189,8 +197,8 @@ def test_ome_tiff_zyx_axes_from_metadata(tmp_path, suffix):
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome
     data = read_image(path)
-    np.testing.assert_array_equal(data.image, z.max(axis=0))
-    assert data.notes
+    np.testing.assert_array_equal(data.image, z)
+    assert data.axes == "ZYX"
 
 
 def test_ome_tiff_cyx_axes_from_metadata(tmp_path):
@@ -204,13 +212,15 @@ def test_ome_tiff_cyx_axes_from_metadata(tmp_path):
     assert data.notes == []  # a channel pick is not a projection
 
 
-def test_plain_multipage_tiff_is_a_z_stack(tmp_path):
+def test_plain_multipage_tiff_is_a_z_stack_and_says_so(tmp_path, caplog):
     z = _stack(3, 14)
     path = tmp_path / "mp.tif"
     tifffile.imwrite(path, z, metadata=None, photometric="minisblack")
-    data = read_image(path)
-    np.testing.assert_array_equal(data.image, z.max(axis=0))
-    assert "3 z-planes" in data.notes[0]
+    with caplog.at_level(logging.INFO, logger="piscis.io"):
+        data = read_image(path)
+    np.testing.assert_array_equal(data.image, z)
+    assert data.axes == "ZYX"
+    assert "mp.tif: axes ZYX" in caplog.text and "z-planes" in caplog.text
 
 
 # --------------------------------------------------------------------------- axes override
@@ -224,8 +234,9 @@ def test_axes_override_moves_z_wherever_it_is(tmp_path, axes):
     path = tmp_path / "s.tif"
     tifffile.imwrite(path, arr, metadata=None, photometric="minisblack")
     data = read_image(path, axes=axes)
-    np.testing.assert_array_equal(data.image, yxz.max(axis=2))
-    assert "5 z-planes" in data.notes[0]
+    np.testing.assert_array_equal(data.image, np.moveaxis(yxz, 2, 0))
+    assert data.axes == "ZYX"
+    np.testing.assert_array_equal(read_image(path, axes=axes, project=True).image, yxz.max(2))
 
 
 def test_axes_override_beats_metadata(tmp_path):
@@ -234,7 +245,7 @@ def test_axes_override_beats_metadata(tmp_path):
     path = tmp_path / "s.tif"
     # Pages of (X, C): the file says 24 planes of 36 x 3, which is wrong.
     tifffile.imwrite(path, yxc, metadata=None, photometric="minisblack")
-    out = read_image_2d(path, axes="yxz")  # lower case is accepted
+    out = read_image_2d(path, axes="yxz")  # lower case is accepted; read_image_2d projects
     np.testing.assert_array_equal(out, yxc.max(axis=2))
     np.testing.assert_array_equal(read_image_2d(path, axes="YXC", channel=2), yxc[..., 2])
 
@@ -247,7 +258,7 @@ def test_axes_override_of_the_wrong_length_is_refused(tmp_path):
     assert "s.tif" in str(e.value)
 
 
-@pytest.mark.parametrize("axes", ["YYX", "ZCX", "TYX"])
+@pytest.mark.parametrize("axes", ["YYX", "ZCX", "EYX"])
 def test_axes_without_yx_or_unsupported_are_refused(axes):
     arr = np.zeros((3, *SHAPE), np.uint8)
     with pytest.raises(InputError, match="--axes"):
