@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import inspect
 import logging
 import sys
 import time
@@ -191,8 +192,11 @@ def _count_one(path: Path, args, model, masks: dict) -> list[_Plane]:
             "expand": args.expand,
         }
     out = []
+    takes_spacing = "spacing" in inspect.signature(count_spots).parameters
     for index, plane in planes:
         where = "".join(f" [{k}={v}]" for k, v in index.items())
+        if takes_spacing and plane.spacing is not None:
+            extra["spacing"] = plane.spacing
         table, cell_rows, used = count_spots(
             plane.image,
             **labels,
