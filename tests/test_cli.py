@@ -274,6 +274,56 @@ def test_axes_option(tmp_path, tiny_model, capsys):
     assert "5 z-planes" in err
 
 
+def test_summary_columns_are_the_same_for_every_row_of_a_mixed_run(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "a.tif", _image(40))
+    two = np.stack([_image(41), _image(42)])
+    tifffile.imwrite(d / "b.tif", two, metadata={"axes": "CYX"})
+    tifffile.imwrite(d / "c.tif", two, imagej=True, metadata={"axes": "TYX"})
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model)
+    assert rc == 0, err
+    for name, axes in (("a", "YX"), ("b", "CYX"), ("c", "TYX")):
+        assert f"{name}.tif: axes {axes}, shape " in err  # every file's axes are logged
+    columns, rows = _table(out / "summary.csv")
+    assert columns == [*cli.SUMMARY_COLUMNS, "t", "c"]
+    got = [(Path(r["image"]).name, r["t"], r["c"]) for r in rows]
+    assert got == [("a.tif", "", ""), ("b.tif", "", "0"), ("b.tif", "", "1"),
+                   ("c.tif", "0", ""), ("c.tif", "1", "")]  # fmt: skip
+    assert all(len(r) == len(columns) for r in rows)
+    assert _table(out / "spots" / "a.csv")[0] == SPOT_COLUMNS
+    assert _table(out / "spots" / "b.csv")[0] == ["c", *SPOT_COLUMNS]
+    assert _table(out / "spots" / "c.csv")[0] == ["t", *SPOT_COLUMNS]
+    rc, _, err = _run(
+        capsys, "detect", d / "a.tif", "-o", tmp_path / "spots", "--model", tiny_model
+    )
+    assert rc == 0, err  # detect: spot tables only, the same columns
+    assert _table(tmp_path / "spots" / "a.csv")[0] == SPOT_COLUMNS
+
+
+@pytest.mark.parametrize("bad", ["abc", "0.1", "0.1,0,0.1", "1,2,3,4", "0.1,-1"])
+def test_voxel_size_option_is_checked(tmp_path, tiny_model, capsys, bad):
+    img = tmp_path / "a.tif"
+    tifffile.imwrite(img, _image(43))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["detect", str(img), "-o", str(tmp_path / "o"), "--voxel-size", bad])
+    assert e.value.code == 2
+    assert "--voxel-size" in capsys.readouterr().err
+
+
+def test_voxel_size_that_does_not_fit_fails_that_image(tmp_path, tiny_model, capsys):
+    flat, stack = tmp_path / "flat.tif", tmp_path / "stack.tif"
+    tifffile.imwrite(flat, _image(44))
+    tifffile.imwrite(stack, np.stack([_image(45), _image(46)]), metadata={"axes": "ZYX"})
+    out = tmp_path / "o"
+    argv = ["detect", flat, stack, "-o", out, "--model", tiny_model, "--voxel-size", "0.1,0.1"]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 1
+    assert "stack.tif: --voxel-size 0.1,0.1 does not fit a ZYX image; give Z,Y,X" in err
+    assert [p.name for p in out.iterdir()] == ["flat.csv"]
+
+
 def test_an_error_inside_detection_does_not_stop_the_batch(
     tmp_path, tiny_model, capsys, monkeypatch
 ):
