@@ -49,8 +49,10 @@ Z_HALO = 8  # planes of context on either side of a z-block
 DIP_RATIO = 0.8  # a chain splits where its profile falls below this share of both maxima
 DIP_SIGMAS = 4.0  # ... and by more than this many noise standard deviations
 ELONGATED = 1.3  # FWHM_z above this multiple of the volume's median: a possible z pair
-CROP_YX = 4  # half-size in px of the crop a spot is fitted on
-COLUMNS_3D = ("fwhm_z", "fwhm_yx", "fwhm_z_um", "fwhm_yx_um", "n_planes", "z_elongated")
+CROP_YX = 5  # half-size in px of the crop a spot is fitted on
+COLUMNS_3D = (
+    "fwhm_z", "fwhm_yx", "fwhm_z_um", "fwhm_yx_um", "n_planes", "z_split", "z_elongated",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- input
@@ -138,30 +140,37 @@ def volume_peaks(
     tile_size: int = DEFAULT_TILE,
     planes=None,
     progress: Callable[[int, int], None] | None = None,
+    cache: dict | None = None,
 ) -> dict[str, np.ndarray]:
     """2D peaks of every plane in ``planes`` (default all): a dict of arrays
     ``z`` (int), ``yx`` (N, 2), ``score``, ``signal`` (profile value, grey levels above
     the volume's background) and ``nonfinite``: (n_planes,) non-finite voxels per plane
-    of ``planes``."""
+    of ``planes``. ``cache`` (a dict kept by the caller) holds the planes already run,
+    so z-blocks sharing context planes run the network on each plane once."""
     nz = vol.shape[0]
     planes = range(nz) if planes is None else planes
     planes = list(planes)
+    cache = {} if cache is None else cache
     zs, yxs, scores, signals = [], [], [], []
     nonfinite = np.zeros(len(planes), np.int64)
     for i, z in enumerate(planes):
-        plane = read_plane(vol, z)
-        if plane.dtype.kind == "f":
-            nonfinite[i] = plane.size - np.count_nonzero(np.isfinite(plane))
 
         def tick(done, total, i=i):
             if progress is not None:
                 progress(i * total + done, len(planes) * total)
 
-        coords, sc = _plane_peaks(plane, net, norm, threshold, scale, tile_size, tick)
+        if z not in cache:
+            plane = read_plane(vol, z)
+            bad = (
+                plane.size - np.count_nonzero(np.isfinite(plane)) if plane.dtype.kind == "f" else 0
+            )
+            coords, sc = _plane_peaks(plane, net, norm, threshold, scale, tile_size, tick)
+            cache[z] = (coords, sc, _profile_values(plane, coords, norm.background), bad)
+        coords, sc, sig, nonfinite[i] = cache[z]
         zs.append(np.full(len(coords), z, np.int64))
         yxs.append(coords)
         scores.append(sc)
-        signals.append(_profile_values(plane, coords, norm.background))
+        signals.append(sig)
     cat = lambda a, shape: np.concatenate(a) if a else np.zeros(shape)  # noqa: E731
     return {
         "z": cat(zs, 0).astype(np.int64),
@@ -285,55 +294,91 @@ def link_peaks(peaks: dict, noise: float, min_planes: int = 2) -> list[np.ndarra
 # --------------------------------------------------------------------------- measuring
 
 
-def _igauss(centres: np.ndarray, mu: float, sigma: float) -> np.ndarray:
-    """Pixel-integrated unit-peak Gaussian (peak 1 for a spot on a pixel centre)."""
-    k = 1.0 / (math.sqrt(2.0) * sigma)
-    g = 0.5 * (erf((centres + 0.5 - mu) * k) - erf((centres - 0.5 - mu) * k))
-    return g / (erf(0.5 * k))
+_SQRT2PI = math.sqrt(2.0 * math.pi)
 
 
-def _fit_gaussian(crop: np.ndarray, wgt: np.ndarray, z0, y0, x0, origin):
-    """Least-squares pixel-integrated 3D Gaussian (sigma_z, sigma_yx) on ``crop``.
+def _ig_d(c: np.ndarray, mu: float, s: float):
+    """Pixel-integrated Gaussian of unit integral and its derivatives in mu and sigma."""
+    up, um = (c + 0.5 - mu) / s, (c - 0.5 - mu) / s
+    pp, pm = np.exp(-0.5 * up**2) / _SQRT2PI, np.exp(-0.5 * um**2) / _SQRT2PI
+    g = 0.5 * (erf(up / math.sqrt(2.0)) - erf(um / math.sqrt(2.0)))
+    return g, -(pp - pm) / s, -(pp * up - pm * um) / s
 
-    Returns (z, y, x, sigma_z, sigma_yx, amplitude, background) in volume coordinates,
-    or None when the fit fails."""
+
+def _fit_gaussians(crop, ok, origin, init, k: int = 1):
+    """Least-squares fit of ``k`` pixel-integrated 3D Gaussians on the voxels ``ok`` of
+    ``crop``: same y, x, sigma_z and sigma_yx, own amplitude and z, one background.
+
+    ``init`` is (peak height, background, z, y, x, sigma_z, sigma_yx) of one spot; with
+    k = 2 the components start at z -+ 0.8 sigma_z. Returns (params, rss) in volume
+    coordinates, params = (amplitudes (k,), background, zs (k,), y, x, sigma_z,
+    sigma_yx), amplitudes as integrals (grey levels x voxels), or None when the fit
+    fails or leaves the crop.
+    """
     zc = np.arange(crop.shape[0]) + origin[0]
     yc = np.arange(crop.shape[1]) + origin[1]
     xc = np.arange(crop.shape[2]) + origin[2]
-    ok = (wgt > 0) & np.isfinite(crop)
-    if ok.sum() < 20:
-        return None
+    a0, b0, z0, y0, x0, sz0, sr0 = init
+    zs0 = [z0] if k == 1 else [z0 - 0.8 * sz0, z0 + 0.8 * sz0]
+    amps0 = [a0] if k == 1 else [0.6 * a0, 0.6 * a0]
     data = crop[ok]
-    bg0 = float(np.percentile(data, 20))
-    amp0 = max(float(np.max(data)) - bg0, 1e-6)
 
-    def model(p):
-        a, b, mz, my, mx, sz, sr = p
-        g = (
-            _igauss(zc, mz, sz)[:, None, None]
-            * _igauss(yc, my, sr)[None, :, None]
-            * _igauss(xc, mx, sr)[None, None, :]
-        )
-        return b + a * g
+    def unpack(p):
+        # sigma = sqrt(s^2 + 0.3^2) keeps the widths positive without bounds
+        sz, sr = np.sqrt(p[-2:] ** 2 + 0.09)
+        return p[:k], p[k], p[k + 1 : 2 * k + 1], p[2 * k + 1], p[2 * k + 2], sz, sr
+
+    def parts(p):
+        amps, b, zs, y, x, sz, sr = unpack(p)
+        gy, dgy, sgy = _ig_d(yc, y, sr)
+        gx, dgx, sgx = _ig_d(xc, x, sr)
+        gzs = [_ig_d(zc, z, sz) for z in zs]
+        return amps, b, gzs, (gy, dgy, sgy), (gx, dgx, sgx), p[-2:] / np.array([sz, sr])
+
+    def outer(gz, gy, gx):
+        return (gz[:, None, None] * gy[None, :, None] * gx[None, None, :])[ok]
 
     def resid(p):
-        return (model(p) - crop)[ok]
+        amps, b, gzs, (gy, _, _), (gx, _, _), _ = parts(p)
+        gz = sum(a * g[0] for a, g in zip(amps, gzs))
+        return b + outer(gz, gy, gx) - data
 
-    p0 = [amp0, bg0, z0, y0, x0, 1.5, 1.2]
-    lo = [0.0, -np.inf, zc[0] - 0.5, y0 - 2, x0 - 2, 0.3, 0.3]
-    hi = [np.inf, np.inf, zc[-1] + 0.5, y0 + 2, x0 + 2, 3.0 * crop.shape[0], 3.0 * CROP_YX]
-    p0 = np.clip(p0, np.asarray(lo) + 1e-9, np.asarray(hi) - 1e-9)
-    scale_b = max(abs(amp0), 1e-6)
+    def jac(p):
+        amps, b, gzs, (gy, dgy, sgy), (gx, dgx, sgx), dsdp = parts(p)
+        gz = sum(a * g[0] for a, g in zip(amps, gzs))
+        cols = [outer(g[0], gy, gx) for g in gzs]
+        cols.append(np.ones(len(data)))
+        cols += [a * outer(g[1], gy, gx) for a, g in zip(amps, gzs)]
+        cols.append(outer(gz, dgy, gx))
+        cols.append(outer(gz, gy, dgx))
+        cols.append(outer(sum(a * g[2] for a, g in zip(amps, gzs)), gy, gx) * dsdp[0])
+        cols.append((outer(gz, sgy, gx) + outer(gz, gy, sgx)) * dsdp[1])
+        return np.stack(cols, axis=1)
+
+    peak = _ig_d(np.zeros(1), 0.0, sz0)[0][0] * _ig_d(np.zeros(1), 0.0, sr0)[0][0] ** 2
+    amps0 = [a / peak for a in amps0]
+    sz0, sr0 = (math.sqrt(max(v**2 - 0.09, 1e-4)) for v in (sz0, sr0))
+    p0 = np.array([*amps0, b0, *zs0, y0, x0, sz0, sr0], dtype=np.float64)
+    unit = max(abs(amps0[0]), 1e-6)
     try:
         r = least_squares(
-            resid, p0, bounds=(lo, hi), x_scale=[scale_b, scale_b, 1, 1, 1, 1, 1], max_nfev=200
+            resid,
+            p0,
+            jac=jac,
+            method="lm",
+            x_scale=[unit] * k + [unit * peak] + [1.0] * (k + 4),
+            max_nfev=200,
         )
     except (ValueError, FloatingPointError):
         return None
     if not r.success or not np.all(np.isfinite(r.x)):
         return None
-    a, b, mz, my, mx, sz, sr = r.x
-    return mz, my, mx, sz, sr, a, b
+    amps, b, zs, y, x, sz, sr = unpack(r.x)
+    inside = (zc[0] - 0.5 <= zs.min()) and (zs.max() <= zc[-1] + 0.5) and amps.min() > 0
+    inside &= abs(y - y0) <= 2 and abs(x - x0) <= 2 and sz < crop.shape[0] and sr < CROP_YX
+    if not inside:
+        return None
+    return (amps, b, zs, y, x, sz, sr), float(np.sum(r.fun**2))
 
 
 def _parabolic_z(zs: np.ndarray, signal: np.ndarray) -> float:
@@ -349,55 +394,68 @@ def _parabolic_z(zs: np.ndarray, signal: np.ndarray) -> float:
     return float(zs[k])
 
 
+SPLIT_CHI2 = 50.0  # drop of the residual sum of squares (in noise variances) for a z split
+SPLIT_MIN_DZ = 1.5  # slices between the two components of a z split
+SPLIT_MIN_AMP = 0.3  # the weaker component's amplitude relative to the stronger
+SPLIT_WIDER = 1.15  # the one-spot fit's FWHM_z over the components' FWHM_z
+
+_FIELDS = ("z", "y", "x", "score", "intensity", "background", "snr", "sz", "sr", "n_planes")
+
+
 def measure_spots(
     vol,
     peaks: dict,
     groups: list[np.ndarray],
     norm: Normalization,
     radius: float = 2.0,
-    spacing=None,
 ) -> dict[str, np.ndarray]:
-    """Per spot: z, y, x, score, intensity, background, FWHMs, n_planes.
+    """Per spot: z, y, x, score, intensity, background, snr, sigma_z (sz), sigma_yx (sr),
+    n_planes, z_split.
 
     Raw voxels are read plane by plane (each plane once); a spot's crop spans its
     chain's planes plus two on either side (at least 4 planes from its best plane),
-    and ``CROP_YX`` px in y and x. Voxels nearer another spot than this one are left
-    out of its fit. ``intensity`` and ``background`` are measured in the best plane as
-    in 2D (:func:`piscis.detect.spot_intensities`); ``snr`` likewise.
+    and ``CROP_YX`` px around it in y and x. Voxels nearer another spot than this one
+    are left out of its fit. ``intensity``, ``background`` and ``snr`` are measured in
+    the spot's plane as in 2D (:func:`piscis.detect.spot_intensities`,
+    :func:`piscis.detect.spot_significance`).
+
+    z split: a spot whose voxels two Gaussians on one z line (same y, x and widths)
+    fit much better than one (residual drop > ``SPLIT_CHI2`` noise variances,
+    components ``SPLIT_MIN_DZ`` slices or more apart, the weaker at least
+    ``SPLIT_MIN_AMP`` of the stronger, and the one-Gaussian fit ``SPLIT_WIDER`` times
+    wider in z than the components) is two spots.
     """
     n = len(groups)
     nz, h, w = vol.shape
-    out = {k: np.full(n, np.nan) for k in ("z", "y", "x", "score", "sz", "sr", "snr")}
-    out["intensity"] = np.full(n, np.nan)
-    out["background"] = np.full(n, np.nan)
-    out["n_planes"] = np.zeros(n, np.int64)
+    rows: list[tuple] = []
     if n == 0:
-        return out
-    best = np.zeros(n, np.int64)
+        return {k: np.zeros(0) for k in (*_FIELDS, "z_split")}
     zlo = np.zeros(n, np.int64)
     zhi = np.zeros(n, np.int64)
     zinit = np.zeros(n)
     yx = np.zeros((n, 2))
+    score = np.zeros(n)
+    nplanes = np.zeros(n, np.int64)
     for i, g in enumerate(groups):
         zs, sig = peaks["z"][g], peaks["signal"][g]
         k = int(np.argmax(sig))
-        best[i] = zs[k]
         near = np.abs(zs - zs[k]) <= 1
         wts = np.clip(sig[near], 0, None) + 1e-9
         yx[i] = np.sum(peaks["yx"][g][near] * wts[:, None], axis=0) / wts.sum()
-        out["score"][i] = float(np.max(peaks["score"][g]))
-        out["n_planes"][i] = len(np.unique(zs))
+        score[i] = float(np.max(peaks["score"][g]))
+        nplanes[i] = len(np.unique(zs))
         zinit[i] = _parabolic_z(zs, sig)
         zlo[i] = max(0, min(zs[0] - 2, zs[k] - 4))
         zhi[i] = min(nz - 1, max(zs[-1] + 2, zs[k] + 4))
     # Neighbours, to leave their voxels out of each other's fits.
     pos = np.column_stack([zinit, yx])
-    tree = cKDTree(pos * [1 / 1.5, 1, 1])
+    tree = cKDTree(pos * _METRIC)
     crops = {}
     order = np.argsort(zlo, kind="stable")
     active: list[int] = []
     nxt = 0
     r = CROP_YX
+    results: dict[int, list[tuple]] = {}
     for z in range(int(zlo.min()), int(zhi.max()) + 1):
         while nxt < n and zlo[order[nxt]] <= z:
             active.append(int(order[nxt]))
@@ -413,50 +471,70 @@ def measure_spots(
             crops[i][z - zlo[i], y0 - cy + r : y1 - cy + r, x0 - cx + r : x1 - cx + r] = plane[
                 y0:y1, x0:x1
             ]
-            if z == best[i]:
-                inten, bg = spot_intensities(
-                    plane, yx[i : i + 1], radius, (radius + 1.0, radius + 3.0)
-                )
-                out["intensity"][i], out["background"][i] = inten[0], bg[0]
-                out["snr"][i] = spot_significance(
-                    plane, yx[i : i + 1], bg, norm.noise, sigma=0.75 * radius
-                )[0]
-        done = [i for i in active if zhi[i] == z]
-        for i in done:
-            crop = crops.pop(i)
-            _fit_one(i, crop, zlo, yx, zinit, pos, tree, out)
+        for i in [i for i in active if zhi[i] == z]:
+            origin = (int(zlo[i]), int(round(yx[i, 0])) - r, int(round(yx[i, 1])) - r)
+            others = [j for j in tree.query_ball_point(pos[i] * _METRIC, 2 * r + 2) if j != i]
+            results[i] = _measure_one(crops.pop(i), origin, pos[i], pos[others], norm, radius)
         active = [i for i in active if zhi[i] != z]
+    for i in range(n):
+        for zz, y, x, inten, bg, snr, sz, sr, split in results[i]:
+            rows.append((zz, y, x, score[i], inten, bg, snr, sz, sr, nplanes[i], split))
+    cols = list(zip(*rows))
+    out = {k: np.asarray(v, dtype=np.float64) for k, v in zip(_FIELDS, cols)}
+    out["n_planes"] = out["n_planes"].astype(np.int64)
+    out["z_split"] = np.asarray(cols[-1], dtype=bool)
     return out
 
 
-def _fit_one(i, crop, zlo, yx, zinit, pos, tree, out) -> None:
-    r = CROP_YX
-    cy, cx = int(round(yx[i, 0])), int(round(yx[i, 1]))
-    origin = (int(zlo[i]), cy - r, cx - r)
-    gz, gy, gx = np.meshgrid(
-        np.arange(crop.shape[0]) + origin[0],
-        np.arange(crop.shape[1]) + origin[1],
-        np.arange(crop.shape[2]) + origin[2],
-        indexing="ij",
-    )
-    wgt = np.ones(crop.shape)
-    others = [j for j in tree.query_ball_point(pos[i] * [1 / 1.5, 1, 1], 2 * r + 2) if j != i]
-    if others:
-        vox = np.stack([gz.ravel() / 1.5, gy.ravel(), gx.ravel()], 1)
-        d_own = np.sum((vox - pos[i] * [1 / 1.5, 1, 1]) ** 2, axis=1)
-        d_oth = np.min(
-            np.sum((vox[:, None, :] - (pos[others] * [1 / 1.5, 1, 1])[None]) ** 2, axis=2), axis=1
-        )
-        wgt = (d_own <= d_oth).reshape(crop.shape).astype(float)
-    fit = _fit_gaussian(crop, wgt, zinit[i], yx[i, 0], yx[i, 1], origin)
-    out["y"][i], out["x"][i] = yx[i]
-    out["z"][i] = zinit[i]
-    if fit is None:
-        return
-    mz, my, mx, sz, sr, a, b = fit
-    if abs(mz - zinit[i]) <= 1.5:
-        out["z"][i] = mz
-    out["sz"][i], out["sr"][i] = sz, sr
+_METRIC = np.array([1 / 1.5, 1.0, 1.0])  # z counts less: spots are longer in z
+
+
+def _measure_one(crop, origin, own, others, norm, radius) -> list[tuple]:
+    """Rows (z, y, x, intensity, background, snr, sigma_z, sigma_yx, split) of one spot:
+    one row, or two after a z split."""
+    gz, gy, gx = np.meshgrid(*(np.arange(n) + o for n, o in zip(crop.shape, origin)), indexing="ij")
+    ok = np.isfinite(crop)
+    if len(others):
+        vox = np.stack([gz.ravel(), gy.ravel(), gx.ravel()], 1) * _METRIC
+        d_own = np.sum((vox - own * _METRIC) ** 2, axis=1)
+        d_oth = np.min(np.sum((vox[:, None, :] - (others * _METRIC)[None]) ** 2, axis=2), axis=1)
+        ok &= (d_own <= d_oth).reshape(crop.shape)
+    z, y, x = own
+    sz = sr = np.nan
+    comps = [z]
+    split = False
+    if ok.sum() >= 20:
+        data = crop[ok]
+        bg0 = float(np.percentile(data, 20))
+        init = (max(float(data.max()) - bg0, 1e-6), bg0, z, y, x, 1.5, 1.2)
+        one = _fit_gaussians(crop, ok, origin, init, 1)
+        if one is not None:
+            (amps, b, zs, my, mx, sz, sr), rss1 = one
+            if abs(zs[0] - z) <= 1.5:
+                z = comps[0] = float(zs[0])
+            peak = max(float(data.max()) - b, 1e-6)
+            two = _fit_gaussians(crop, ok, origin, (peak, b, z, my, mx, sz, sr), 2)
+            if two is not None and norm.noise > 0:
+                (amps2, _, zs2, _, _, sz2, sr2), rss2 = two
+                gain = (rss1 - rss2) / norm.noise**2
+                dz = abs(zs2[1] - zs2[0])
+                ratio = min(amps2) / max(max(amps2), 1e-12)
+                if (
+                    gain > SPLIT_CHI2
+                    and dz >= SPLIT_MIN_DZ
+                    and ratio >= SPLIT_MIN_AMP
+                    and sz >= SPLIT_WIDER * sz2
+                ):
+                    comps, sz, sr, split = sorted(float(v) for v in zs2), sz2, sr2, True
+    rows = []
+    for zc in comps:
+        k = int(np.clip(np.floor(zc + 0.5), origin[0], origin[0] + crop.shape[0] - 1))
+        plane = crop[k - origin[0]]
+        rel = np.array([[y - origin[1], x - origin[2]]])
+        inten, bg = spot_intensities(plane, rel, radius, (radius + 1.0, radius + 3.0))
+        snr = spot_significance(plane, rel, bg, norm.noise, sigma=0.75 * radius)[0]
+        rows.append((zc, y, x, inten[0], bg[0], snr, sz, sr, split))
+    return rows
 
 
 # --------------------------------------------------------------------------- the detector
@@ -490,6 +568,7 @@ def detect_volume(
     block = (z1 - z0) if not z_block else max(1, int(z_block))
     parts = []
     n_nonfinite = 0
+    cache: dict = {}
     starts = list(range(z0, z1, block))
     for bi, b0 in enumerate(starts):
         b1 = min(b0 + block, z1)
@@ -502,11 +581,13 @@ def detect_volume(
                 progress(bi * total + done, len(starts) * total)
 
         peaks = volume_peaks(
-            vol, loaded.net, norm, threshold, scale, tile_size, range(lo, hi), tick
+            vol, loaded.net, norm, threshold, scale, tile_size, range(lo, hi), tick, cache
         )
+        for z in [z for z in cache if z < lo]:
+            del cache[z]  # peak lists of planes no later block needs
         n_nonfinite += int(peaks["nonfinite"][b0 - lo : b1 - lo].sum())
         groups = link_peaks(peaks, norm.noise, min_planes)
-        m = measure_spots(vol, peaks, groups, norm, 2.0 / scale, spacing)
+        m = measure_spots(vol, peaks, groups, norm, 2.0 / scale)
         own = (m["z"] >= b0 - 0.5) & (m["z"] < b1 - 0.5)
         if b0 == 0:
             own |= m["z"] < -0.5
@@ -554,6 +635,7 @@ def _spots_3d(m: dict, spacing, name: str) -> Spots:
         "fwhm_z_um": fz_um,
         "fwhm_yx_um": fr_um,
         "n_planes": m["n_planes"].astype(np.int64),
+        "z_split": m["z_split"].astype(bool),
         "z_elongated": elongated,
     }
     return Spots(coords, m["score"], m["intensity"], m["background"], extra)
@@ -563,5 +645,6 @@ def empty_spots_3d() -> Spots:
     z = np.zeros(0)
     extra = {k: z.copy() for k in COLUMNS_3D}
     extra["n_planes"] = np.zeros(0, np.int64)
+    extra["z_split"] = np.zeros(0, bool)
     extra["z_elongated"] = np.zeros(0, bool)
     return Spots(np.zeros((0, 3)), z, z.copy(), z.copy(), extra)
