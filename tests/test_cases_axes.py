@@ -517,3 +517,26 @@ def test_c19_green_30_red_0_api_and_cli(c19, model, tmp_path, capsys):
     assert spot_cols[:3] == ["c", "y", "x"]
     mine = [r for r in rows if r["c"] == "1"]
     np.testing.assert_allclose(_coords(mine, "yx"), green.coords, atol=1e-3)
+
+
+def test_c09_napari_viewer_opens_the_hyperstack_as_channel_layers(c09, make_napari_viewer):
+    import os
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") == "offscreen"):
+        pytest.skip("no display: run under `xvfb-run -a`")
+    import npe2
+
+    viewer = make_napari_viewer(show=False)
+    pm = npe2.PluginManager.instance()
+    try:  # napari's test support hides installed plugins
+        pm.get_manifest("piscis")
+    except KeyError:
+        pm.register(npe2.PluginManifest.from_distribution("piscis"))
+    zcyx, _, files = c09
+    layers = viewer.open(str(files["ZCYX"]), plugin="piscis")
+    assert [type(la).__name__ for la in layers] == ["Image", "Image"]
+    for layer, k in zip(layers, (0, 1)):
+        assert layer.ndim == 3 and layer.data.shape == (20, 256, 256)
+        np.testing.assert_allclose(layer.scale, VOXEL)
+        assert layer.metadata["piscis"]["axes"] == "ZYX"
+        np.testing.assert_array_equal(np.asarray(layer.data), zcyx[:, k])
