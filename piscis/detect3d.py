@@ -48,7 +48,7 @@ LINK_DISTANCE = 1.5  # px in yx between peaks of consecutive planes of one spot
 Z_HALO = 8  # planes of context on either side of a z-block
 DIP_RATIO = 0.8  # a chain splits where its profile falls below this share of both maxima
 DIP_SIGMAS = 4.0  # ... and by more than this many noise standard deviations
-ELONGATED = 1.3  # FWHM_z above this multiple of the volume's median: a possible z pair
+ELONGATED = 1.15  # FWHM_z above this multiple of the volume's median: a possible z pair
 CROP_YX = 5  # half-size in px of the crop a spot is fitted on
 COLUMNS_3D = (
     "fwhm_z", "fwhm_yx", "fwhm_z_um", "fwhm_yx_um", "n_planes", "z_split", "z_elongated",
