@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import inspect
 import logging
 import sys
 import time
@@ -158,15 +157,12 @@ def _count_one(path: Path, args, model, masks: dict) -> list[_Plane]:
     else:
         wanted = {"nuclear_image": nuc_ch, "cytoplasm_image": cyto_ch}
         wanted = {k: c for k, c in wanted.items() if c is not None}
-        data = read_channels(path, [args.channel, *wanted.values()], axes=args.axes)
-        if project and data[0].image.ndim == 3:
-            data[0].image = data[0].image.max(axis=0)
-            logger.info("%s: %d z-planes max-projected (--project)", path, len(data[0].image))
-        # Nuclei and cells are segmented in 2D: a z-stack channel is max-projected.
-        extra = {
-            k: d.image.max(axis=0) if d.image.ndim == 3 else d.image
-            for k, d in zip(wanted, data[1:])
-        }
+        data = read_channels(
+            path, [args.channel, *wanted.values()], axes=args.axes, project=project,
+            voxel_size=voxel,
+        )  # fmt: skip
+        # count_spots segments a (Z, Y, X) nucleus/cytoplasm channel on its max projection.
+        extra = {k: d.image for k, d in zip(wanted, data[1:])}
         planes = [({}, data[0])]
     shape = planes[0][1].image.shape
     labels = {}
@@ -192,11 +188,8 @@ def _count_one(path: Path, args, model, masks: dict) -> list[_Plane]:
             "expand": args.expand,
         }
     out = []
-    takes_spacing = "spacing" in inspect.signature(count_spots).parameters
     for index, plane in planes:
         where = "".join(f" [{k}={v}]" for k, v in index.items())
-        if takes_spacing and plane.spacing is not None:
-            extra["spacing"] = plane.spacing
         table, cell_rows, used = count_spots(
             plane.image,
             **labels,
@@ -206,6 +199,7 @@ def _count_one(path: Path, args, model, masks: dict) -> list[_Plane]:
             scale=args.scale,
             tile_size=args.tile_size,
             min_snr=args.min_snr,
+            spacing=plane.spacing,
             name=f"{path}{where}",
             return_masks=True,
             **seg,

@@ -568,7 +568,7 @@ def _check_pixels(data: np.ndarray, name: str) -> np.ndarray:
 
 
 def read_channels(
-    path, channels, axes: str | None = None, project: bool = False
+    path, channels, axes: str | None = None, project: bool = False, voxel_size=None
 ) -> list[ImageData]:
     """Read a multi-channel file once and return one image per requested channel.
 
@@ -584,6 +584,8 @@ def read_channels(
         Axes of the file (``"CYX"``, ``"YXC"``, ``"ZCYX"``...), overriding its metadata.
     project : bool
         Max-project a Z axis.
+    voxel_size : sequence of float, optional
+        As for :func:`read_image`.
 
     Returns
     -------
@@ -614,7 +616,7 @@ def read_channels(
     planes: dict = {}
     for c in channels:
         if c not in planes:
-            planes[c] = _split(stack, c, project, None, every_channel=False)[0][1]
+            planes[c] = _split(stack, c, project, voxel_size, every_channel=False)[0][1]
     return [planes[c] for c in channels]
 
 

@@ -166,10 +166,16 @@ def test_c07b_with_axes_matches_a(c07, c07_api, tmp_path, capsys):
     _, _, files = c07
     _, spots = c07_api
     out = tmp_path / "out"
-    rc, err = _run(capsys, "detect", files["b"], "-o", out, "--axes", "YXZ")
+    argv = ["detect", files["b"], "-o", out, "--axes", "YXZ", "--voxel-size", "0.3,0.1,0.1"]
+    rc, err = _run(capsys, *argv)
     assert rc == 0, err
     assert "b.tif: axes ZYX, shape (24, 256, 256) (--axes)" in err
-    np.testing.assert_allclose(_coords(_table(out / "b.csv")[1]), spots.coords, atol=1e-3)
+    rows = _table(out / "b.csv")[1]
+    np.testing.assert_allclose(_coords(rows), spots.coords, atol=1e-3)
+    # --voxel-size gives what (a)'s ImageJ calibration gave: sizes in micrometres
+    want = spots.columns()["fwhm_z_um"]
+    assert np.isfinite(want).all()
+    np.testing.assert_allclose([float(r["fwhm_z_um"]) for r in rows], want, atol=1e-3)
 
 
 def test_c07c_singleton_channel_is_squeezed(c07, tiny_model, tmp_path, capsys):
