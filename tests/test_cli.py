@@ -302,6 +302,32 @@ def test_summary_columns_are_the_same_for_every_row_of_a_mixed_run(tmp_path, tin
     assert _table(tmp_path / "spots" / "a.csv")[0] == SPOT_COLUMNS
 
 
+def test_cells_table_per_channel_and_2d_mask_on_a_z_stack(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    mask = np.zeros((32, 40), np.uint16)
+    mask[2:12, 3:20], mask[15:30, 22:38] = 7, 65000
+    two = np.stack([_image(50), _image(51)])
+    tifffile.imwrite(d / "two.tif", two, metadata={"axes": "CYX"})
+    tifffile.imwrite(d / "two_masks.tif", mask)
+    tifffile.imwrite(d / "vol.tif", np.stack([_image(52), _image(53)]), metadata={"axes": "ZYX"})
+    tifffile.imwrite(d / "vol_masks.tif", mask)  # a (Y, X) mask for every plane
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model, "--cells", d)
+    assert rc == 0, err
+    columns, rows = _table(out / "summary.csv")
+    assert columns == [*cli.SUMMARY_COLUMNS, "c", "depth", *cli.SUMMARY_CELL_COLUMNS]
+    got = [(Path(r["image"]).name, r["c"], r["depth"], r["n_cells"]) for r in rows]
+    assert got == [("two.tif", "0", "", "2"), ("two.tif", "1", "", "2"), ("vol.tif", "", "2", "2")]
+    cell_cols, cells = _table(out / "cells.csv")
+    assert cell_cols[:3] == ["image", "c", "cell_id"]
+    assert [(Path(r["image"]).name, r["c"], r["cell_id"]) for r in cells] == [
+        ("two.tif", "0", "7"), ("two.tif", "0", "65000"), ("two.tif", "1", "7"),
+        ("two.tif", "1", "65000"), ("vol.tif", "", "7"), ("vol.tif", "", "65000"),
+    ]  # fmt: skip
+    assert _table(out / "spots" / "vol.csv")[0][:3] == ["z", "y", "x"]
+
+
 @pytest.mark.parametrize("bad", ["abc", "0.1", "0.1,0,0.1", "1,2,3,4", "0.1,-1"])
 def test_voxel_size_option_is_checked(tmp_path, tiny_model, capsys, bad):
     img = tmp_path / "a.tif"
