@@ -586,8 +586,7 @@ def detect_volume(
         for z in [z for z in cache if z < lo]:
             del cache[z]  # peak lists of planes no later block needs
         n_nonfinite += int(peaks["nonfinite"][b0 - lo : b1 - lo].sum())
-        groups = link_peaks(peaks, norm.noise, min_planes)
-        m = measure_spots(vol, peaks, groups, norm, 2.0 / scale)
+        m = _measured(vol, peaks, norm, min_planes, 2.0 / scale)
         own = (m["z"] >= b0 - 0.5) & (m["z"] < b1 - 0.5)
         if b0 == 0:
             own |= m["z"] < -0.5
@@ -597,10 +596,76 @@ def detect_volume(
     m = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if n_nonfinite:
         logger.warning("%s: %d non-finite (NaN or infinite) voxels are ignored", name, n_nonfinite)
+    return _spots_3d(_significant(m, norm, min_snr), spacing, name)
+
+
+def _measured(vol, peaks, norm, min_planes, radius) -> dict[str, np.ndarray]:
+    groups = link_peaks(peaks, norm.noise, min_planes)
+    return measure_spots(vol, peaks, groups, norm, radius)
+
+
+def _significant(m: dict, norm: Normalization, min_snr: float) -> dict:
+    """Spots whose SNR reaches ``min_snr`` (those whose SNR cannot be measured stay)."""
     if min_snr > 0 and norm.noise > 0 and len(m["z"]):
         keep = ~(m["snr"] < min_snr)
         m = {k: v[keep] for k, v in m.items()}
-    return _spots_3d(m, spacing, name)
+    return m
+
+
+class VolumeCandidates:
+    """3D twin of :class:`piscis.annotate.SpotCandidates`: the network runs once.
+
+    Every plane's peaks are decoded once at ``min_threshold`` (a peak at a higher
+    threshold is one of these, at the same position); :meth:`at` keeps the peaks
+    reaching the threshold, links and measures them (no network): ``at(t)`` gives the
+    spots of ``detect(vol, threshold=t)``.
+    """
+
+    def __init__(
+        self, vol, model=None, scale=None, tile_size: int = DEFAULT_TILE,
+        min_threshold: float = 0.05, progress=None, spacing=None, name: str = "image",
+        min_snr: float | None = None, min_planes: int | None = None,
+    ):  # fmt: skip
+        from .io import load_model
+
+        loaded = load_model(model)
+        self.vol = check_volume(vol, name)
+        self.scale = loaded.scale if scale is None else float(scale)
+        self.norm = volume_normalization(self.vol, loaded.compression, loaded.contrast_ratio)
+        self.peaks = volume_peaks(
+            self.vol, loaded.net, self.norm, min_threshold, self.scale, tile_size,
+            progress=progress,
+        )  # fmt: skip
+        s = np.clip(self.peaks["score"].astype(np.float64), 1e-300, None)
+        with np.errstate(divide="ignore"):
+            self.logits = (np.log(s) - np.log1p(-s)).astype(np.float32)
+        self.min_threshold = float(min_threshold)
+        self.spacing, self.name = spacing, name
+        self.min_snr = loaded.min_snr if min_snr is None else float(min_snr)
+        nz = self.vol.shape[0]
+        self.min_planes = (2 if nz >= 3 else 1) if min_planes is None else int(min_planes)
+        self._last: tuple[float, Spots] | None = None
+
+    def at(self, threshold: float) -> Spots:
+        from .detect import _logit
+
+        threshold = float(threshold)
+        if threshold < self.min_threshold - 1e-12:
+            raise ValueError(
+                f"threshold {threshold} is below the cached minimum {self.min_threshold}; "
+                "decode the maps again"
+            )
+        if self._last is not None and self._last[0] == threshold:
+            return self._last[1]
+        keep = self.logits >= np.float32(_logit(threshold))
+        peaks = {k: self.peaks[k][keep] for k in ("z", "yx", "score", "signal")}
+        m = _measured(self.vol, peaks, self.norm, self.min_planes, 2.0 / self.scale)
+        spots = _spots_3d(_significant(m, self.norm, self.min_snr), self.spacing, self.name)
+        self._last = (threshold, spots)
+        return spots
+
+    def count(self, threshold: float) -> int:
+        return len(self.at(threshold))
 
 
 def _spots_3d(m: dict, spacing, name: str) -> Spots:

@@ -128,7 +128,8 @@ def test_saved_pair_is_what_load_pairs_reads(tmp_path):
     region[:40, :50] = True
     coords = np.vstack([coords, [[-3.0, 5.0]]])  # off the image: dropped
     paths = save_training_pair(tmp_path, "my image.tif", image, coords, region)
-    assert {p.name for p in paths.values()} == {"my image.tif", "my image.csv", "my image.mask.tif"}
+    names = {"my image.tif", "my image.csv", "my image.json", "my image.mask.tif"}
+    assert {p.name for p in paths.values()} == names
     (pair,) = load_pairs(tmp_path)
     assert pair.name == "my image"
     np.testing.assert_array_equal(pair.image, image)
