@@ -394,8 +394,9 @@ def resolve_axes(
         data = np.transpose(data, order)
     axes_out = "".join(letters[i] for i in order)
     logger.info("%s: axes %s, shape %s (%s)", name, axes_out, tuple(data.shape), source)
-    if data.dtype.byteorder not in "=|":
-        data = data.astype(data.dtype.newbyteorder("="))
+    if data.dtype.byteorder not in "=|":  # '<' on a little-endian machine: relabel only
+        native = data.dtype.newbyteorder("=")
+        data = data.view(native) if data.dtype.isnative else data.astype(native)
     return Stack(name, data, axes_out, spacing, source)
 
 
@@ -669,7 +670,9 @@ def _read_tiff(path: Path) -> _Raw:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes = series.axes
-            data = series.asarray()
+            data = _mapped(tif, series, path) if series.nbytes >= MEMMAP_BYTES else None
+            if data is None:
+                data = series.asarray()
             kind = str(getattr(series, "kind", "")).lower()
             spacing: dict[str, float] = {}
             if tif.is_imagej:
@@ -691,6 +694,27 @@ def _read_tiff(path: Path) -> _Raw:
         raise InputError(f"{path}: not a readable TIFF ({msg})") from None
     named = not any(a in _UNKNOWN for a in axes)
     return _Raw(np.asarray(data), axes, source, spacing, named)
+
+
+MEMMAP_BYTES = 1 << 30  # files at least this big are mapped, not read, when they can be
+
+
+def _mapped(tif, series, path: Path):
+    """The series as a read-only memory map of the file (uncompressed, contiguous, in
+    the machine's byte order), so a large z-stack is read plane by plane by the
+    detector; None when the file cannot be mapped so."""
+    dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+    if getattr(series, "dataoffset", None) is None or not dtype.isnative:
+        return None
+    dtype = dtype.newbyteorder("=")
+    try:
+        data = np.memmap(
+            path, dtype=dtype, mode="r", offset=series.dataoffset, shape=tuple(series.shape)
+        )
+    except (ValueError, OSError):
+        return None
+    logger.debug("%s: memory-mapped (%d bytes)", path, series.nbytes)
+    return data
 
 
 def _unit_um(unit) -> float | None:

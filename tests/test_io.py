@@ -728,3 +728,28 @@ def test_saved_model_folder_is_not_private(tiny_model):
         "model.safetensors",
     ]
     assert not [p for p in Path(tiny_model).parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_large_uncompressed_stacks_are_memory_mapped(tmp_path, monkeypatch, order):
+    z = _stack(4, 49)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, z.astype(order + "u2"), metadata={"axes": "ZYX"}, byteorder=order)
+    monkeypatch.setattr(pio, "MEMMAP_BYTES", 0)  # every file counts as large
+    data = read_image(path)
+    np.testing.assert_array_equal(data.image, z)
+    assert data.image.dtype.byteorder in "=|"
+
+    def mapped(a):
+        while a is not None and not isinstance(a, np.memmap):
+            a = a.base
+        return a is not None
+
+    # a file in the machine's byte order is read through a map (plane by plane later);
+    # the other byte order is read and converted
+    assert mapped(data.image) == (np.dtype(order + "u2").isnative)
+    compressed = tmp_path / "zip.tif"
+    tifffile.imwrite(compressed, z, metadata={"axes": "ZYX"}, compression="zlib")
+    data = read_image(compressed)
+    np.testing.assert_array_equal(data.image, z)
+    assert not mapped(data.image)
