@@ -338,3 +338,116 @@ def test_c08_z_pairs_below_the_resolution_are_one_spot_with_a_warning(model, cap
         assert true[2 * k, 0] < spots.coords[near, 0][0] < true[2 * k + 1, 0]
     n = int(cols["z_elongated"].sum())
     assert any(f"{n} spots are elongated in z" in r.message for r in caplog.records)
+
+
+# --------------------------------------------------------------------------- C17
+
+
+C17_SCALE, C17_TRANSLATE = (0.3, 0.1, 0.1), (0.0, 5.0, 5.0)  # um
+
+
+def _c17_volume():
+    rng = np.random.default_rng(17)
+    shape = (20, 128, 128)
+    vox = np.round(synth.random_positions(rng, shape, 10, min_sep=10, margin=5))
+    vol, _ = synth.spot_volume(rng, shape, coords=vox, sigma=(1.5, 1.0), amp=400)
+    return vol, vox
+
+
+def _c17_plane():
+    rng = np.random.default_rng(171)
+    vox = np.round(synth.random_positions(rng, (128, 128), 10, min_sep=10, margin=5))
+    image, _ = synth.spot_image(rng, (128, 128), coords=vox)
+    return image, vox
+
+
+def _check_pair(paths, image, vox, scale, translate, units, exact=True):
+    from piscis.annotate import read_annotations
+
+    nd = image.ndim
+    frame = __import__("json").loads(Path(paths["frame"]).read_text())
+    assert frame["frame"] == "pixel" and frame["axes"] == "ZYX"[3 - nd :]
+    assert frame["scale"] == list(scale) and frame["translate"] == list(translate)
+    assert frame["units"] == units
+    with open(paths["spots"], newline="") as f:
+        assert next(csv.reader(f)) == list("zyx"[3 - nd :])
+    ann = read_annotations(paths["spots"])
+    np.testing.assert_array_equal(np.floor(ann.coords + 0.5), vox)  # the same voxels
+    if exact:  # unsnapped: the very positions, in pixels and in the display frame
+        np.testing.assert_allclose(ann.coords, vox, atol=1e-6)
+        np.testing.assert_allclose(ann.world(), vox * scale + np.asarray(translate), atol=1e-6)
+    raw = tifffile.imread(paths["image"])
+    np.testing.assert_array_equal(raw, image)
+    idx = tuple(np.floor(ann.coords + 0.5).astype(int).T)
+    assert np.all(raw[idx] > 100 + 3 * 5)  # every annotation on a spot of the raw array
+
+
+def test_c17_training_pairs_keep_their_frame_core(tmp_path):
+    from piscis.annotate import save_training_pair
+
+    vol, vox = _c17_volume()
+    paths = save_training_pair(
+        tmp_path, "crop", vol, vox, scale=C17_SCALE, translate=C17_TRANSLATE, units="micrometer"
+    )
+    _check_pair(paths, vol, vox, C17_SCALE, C17_TRANSLATE, "micrometer")
+    image, yx = _c17_plane()
+    paths = save_training_pair(tmp_path, "flat", image, yx, scale=(0.065, 0.065), units="um")
+    _check_pair(paths, image, yx, (0.065, 0.065), (0.0, 0.0), "um")
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    import os
+
+    if not (os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") == "offscreen"):
+        pytest.skip("no display: run under `xvfb-run -a`")
+    return make_napari_viewer(show=False)
+
+
+@pytest.mark.parametrize("snap", [False, True], ids=["clicked", "snapped"])
+@pytest.mark.parametrize("ndim", [3, 2])
+def test_c17_plugin_annotations_round_trip_to_the_same_voxels(viewer, tmp_path, ndim, snap):
+    from piscis.napari._annotate import AnnotateWidget
+
+    if ndim == 3:
+        image, vox = _c17_volume()
+        scale, translate = C17_SCALE, C17_TRANSLATE
+    else:
+        image, vox = _c17_plane()
+        scale, translate = (0.065, 0.065), (0.0, 0.0)
+    layer = viewer.add_image(image, name="crop", scale=scale, translate=translate, units="um")
+    widget = AnnotateWidget(viewer)
+    widget.image.set_layer(layer)
+    widget.snap.setChecked(snap)
+    points = widget.new_annotation_layer()
+    assert points.ndim == ndim and tuple(points.scale) == tuple(layer.scale)
+    world = vox * np.asarray(scale) + np.asarray(translate)  # where the user clicks
+    for w in world:
+        points.add((w - np.asarray(points.translate)) / np.asarray(points.scale))
+    widget.folder.setText(str(tmp_path))
+    widget.name.setText("c17")
+    paths = widget.save()
+    assert paths is not None
+    _check_pair(paths, image, vox, scale, translate, "micrometer", exact=not snap)
+
+
+def test_c17_detect_widget_gives_3d_points_on_the_image_layer(viewer, qtbot, model):
+    from piscis.io import MODELS_DIR
+    from piscis.napari._detect import DetectWidget
+
+    vol, vox = _c17_volume()
+    layer = viewer.add_image(vol, name="crop", scale=C17_SCALE, translate=C17_TRANSLATE)
+    widget = DetectWidget(viewer)
+    widget.image.set_layer(layer)
+    assert widget.axes.currentText() == "ZYX"
+    widget.model.set_path(MODELS_DIR / "default")
+    widget.run()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    points = widget.points_layer
+    assert points is not None and points.ndim == 3
+    assert tuple(points.scale) == C17_SCALE and tuple(points.translate) == C17_TRANSLATE
+    api = detect(vol, model)
+    np.testing.assert_allclose(points.data, api.coords, atol=1e-9)  # the same spot list
+    assert len(match3(points.data, vox)) == 10
+    widget.threshold.setValue(0.97)  # live: no network run
+    np.testing.assert_allclose(points.data, detect(vol, model, threshold=0.97).coords, atol=1e-9)
