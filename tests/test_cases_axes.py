@@ -524,7 +524,7 @@ def test_c19_green_30_red_0_api_and_cli(c19, model, tmp_path, capsys):
     np.testing.assert_allclose(_coords(mine, "yx"), green.coords, atol=1e-3)
 
 
-def test_c09_napari_viewer_opens_the_hyperstack_as_channel_layers(c09, request):
+def test_c09_napari_viewer_opens_the_hyperstack_and_detects_40_spots(c09, request):
     import os
 
     if not (os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") == "offscreen"):
@@ -546,3 +546,15 @@ def test_c09_napari_viewer_opens_the_hyperstack_as_channel_layers(c09, request):
         np.testing.assert_allclose(layer.scale, VOXEL)
         assert layer.metadata["piscis"]["axes"] == "ZYX"
         np.testing.assert_array_equal(np.asarray(layer.data), zcyx[:, k])
+    # The Detect widget on channel 0: 3D detection, 40 spots at the right z.
+    qtbot = request.getfixturevalue("qtbot")
+    dock, detect = viewer.window.add_plugin_dock_widget("piscis", "Detect spots")
+    detect.image.set_layer(layers[0])
+    assert detect.axes.currentText() == "ZYX"
+    detect.run()
+    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    points = detect.points_layer
+    assert points.ndim == 3
+    _, coords, _ = c09
+    n = _n_matched(points.data, coords)
+    assert n >= 39 and abs(len(points.data) - 40) <= 2, (len(points.data), n)
