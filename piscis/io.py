@@ -235,7 +235,6 @@ class _Raw:
     axes: str  # tifffile's letters
     source: str  # "ImageJ metadata", "OME metadata", ...
     spacing: dict[str, float]
-    named: bool  # the file names its axes
 
 
 def read_image_2d(path, channel: int | None = None, axes: str | None = None) -> np.ndarray:
@@ -327,8 +326,7 @@ def to_plane(
     if explicit:
         stack = resolve_axes(data, "", name, axes=axes, channel_hint=hint)
     else:
-        named = bool(axes) and not any(a in _UNKNOWN for a in axes.upper())
-        raw = _Raw(data, axes or "", "the caller's axes", {}, named)
+        raw = _Raw(data, axes or "", "the caller's axes", {})
         stack = resolve_axes(data, axes or "", name, channel_hint=hint, raw=raw)
     planes = _split(stack, channel, True, None, every_channel=False)
     if len(planes) > 1:
@@ -632,7 +630,7 @@ def _read_raw(path: Path) -> _Raw:
     suffix = path.suffix.lower()
     if suffix == ".png":
         data, axes = _read_png(path)
-        raw = _Raw(data, axes, "PNG", {}, True)
+        raw = _Raw(data, axes, "PNG", {})
     elif suffix in {".tif", ".tiff", ".btf", ".tf8"}:
         raw = _read_tiff(path)
     else:
@@ -692,8 +690,7 @@ def _read_tiff(path: Path) -> _Raw:
         if "imagecodecs" in msg.lower():
             msg += " (install the 'imagecodecs' package to read this compression)"
         raise InputError(f"{path}: not a readable TIFF ({msg})") from None
-    named = not any(a in _UNKNOWN for a in axes)
-    return _Raw(np.asarray(data), axes, source, spacing, named)
+    return _Raw(np.asarray(data), axes, source, spacing)
 
 
 MEMMAP_BYTES = 1 << 30  # files at least this big are mapped, not read, when they can be
