@@ -206,3 +206,47 @@ def test_fused_inference_network_equals_the_training_one():
         ref = net(x)
         fused = fuse_batchnorm(net)(x)
     assert torch.allclose(ref, fused, atol=1e-4)
+
+
+class _Planes:
+    """A lazy volume: shape, dtype and vol[z] only; records what was read."""
+
+    def __init__(self, vol):
+        self._vol, self.shape, self.dtype, self.reads = vol, vol.shape, vol.dtype, []
+
+    def __getitem__(self, z):
+        assert isinstance(z, (int, np.integer)), f"read {z!r}, not one plane"
+        self.reads.append(int(z))
+        return self._vol[z]
+
+
+def _volume(seed=11, shape=(12, 96, 96), n=12):
+    from piscis.synth import spot_volume
+
+    return spot_volume(np.random.default_rng(seed), shape, n, sigma=(1.5, 1.0), amp=400)
+
+
+def test_volume_streams_plane_by_plane_and_ignores_tiles_and_z_blocks(default):
+    vol, true = _volume()
+    ref = detect(vol, default)
+    assert ref.coords.shape == (12, 3)
+    lazy = _Planes(vol)
+    np.testing.assert_array_equal(detect(lazy, default).coords, ref.coords)
+    assert set(lazy.reads) == set(range(12))
+    np.testing.assert_allclose(detect(vol, default, tile_size=32).coords, ref.coords, atol=1e-4)
+    np.testing.assert_array_equal(detect(vol, default, z_block=4).coords, ref.coords)
+    parts = [detect(vol, default, z_range=r).coords for r in ((0, 5), (5, 12))]
+    np.testing.assert_array_equal(np.concatenate(parts), ref.coords)
+    cols = ref.columns()
+    assert list(cols)[:6] == ["z", "y", "x", "score", "intensity", "background"]
+
+
+def test_volume_candidates_match_detect_at_every_threshold(default):
+    from piscis.detect3d import VolumeCandidates
+
+    vol, _ = _volume(12)
+    cands = VolumeCandidates(vol, default)
+    for t in (0.5, 0.9, 0.99):
+        np.testing.assert_array_equal(cands.at(t).coords, detect(vol, default, threshold=t).coords)
+    with pytest.raises(ValueError, match="below the cached minimum"):
+        cands.at(0.01)
