@@ -439,6 +439,16 @@ def _guess_unknown(shape, letters: str, name: str, channel_hint: bool, source: s
     if out is None:
         out = letters[:i] + "Z" + letters[i + 1 :]
         why = "the pages of a multi-page TIFF are z-planes"
+        if n <= MAX_GUESSED_CHANNELS and n < min(others):
+            fix = letters[:i] + "C" + letters[i + 1 :]
+            logger.warning(
+                "%s: %d unnamed planes (shape %s) read as z-planes; if they are channels "
+                "pass --axes %s or --channel N",
+                name,
+                n,
+                shape,
+                fix,
+            )
     return out, f"the file does not name its axes, read as {out}: {why}; see --axes"
 
 
@@ -668,6 +678,13 @@ def _read_tiff(path: Path) -> _Raw:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes = series.axes
+            if len(tif.series) > 1:
+                logger.warning(
+                    "%s: %d image series in the file; only the first (shape %s) is read",
+                    path,
+                    len(tif.series),
+                    tuple(series.shape),
+                )
             data = _mapped(tif, series, path) if series.nbytes >= MEMMAP_BYTES else None
             if data is None:
                 data = series.asarray()

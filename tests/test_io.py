@@ -753,3 +753,22 @@ def test_large_uncompressed_stacks_are_memory_mapped(tmp_path, monkeypatch, orde
     data = read_image(compressed)
     np.testing.assert_array_equal(data.image, z)
     assert not mapped(data.image)
+
+
+def test_few_unnamed_pages_are_z_with_a_warning_and_extra_series_are_named(tmp_path, caplog):
+    z = _stack(5, 50)
+    path = tmp_path / "five.tif"
+    tifffile.imwrite(path, z, metadata=None)
+    with caplog.at_level(logging.WARNING, logger="piscis.io"):
+        data = read_image(path)
+    assert data.axes == "ZYX"
+    assert "five.tif: 5 unnamed planes" in caplog.text and "--axes CYX" in caplog.text
+    caplog.clear()
+    two = tmp_path / "two_series.tif"
+    with tifffile.TiffWriter(two) as tw:
+        tw.write(z[0], metadata={"axes": "YX"})
+        tw.write(z[:2, :10, :10], metadata={"axes": "ZYX"})
+    with caplog.at_level(logging.WARNING, logger="piscis.io"):
+        data = read_image(two)
+    np.testing.assert_array_equal(data.image, z[0])
+    assert "two_series.tif: 2 image series in the file; only the first" in caplog.text
