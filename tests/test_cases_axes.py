@@ -416,6 +416,9 @@ def test_c13_g_tzcyx_each_time_point_and_channel(model, tmp_path, capsys):
     assert [i for i, _ in planes] == [{"t": t, "c": c} for t in (0, 1) for c in (0, 1)]
     for i, data in planes:
         np.testing.assert_array_equal(data.image, stack[i["t"], :, i["c"]])
+    layers = get_reader(str(path))(str(path))  # the plugin: one TZYX layer per channel
+    assert [kw["metadata"]["piscis"]["axes"] for _, kw, _ in layers] == ["TZYX", "TZYX"]
+    np.testing.assert_array_equal(layers[1][0], stack[:, :, 1])
     out = tmp_path / "out"
     rc, err = _run(capsys, "count", path, "-o", out)
     assert rc == 0, err
