@@ -13,7 +13,8 @@
 4. Each spot is measured on a crop of raw voxels read plane by plane
    (:func:`measure_spots`): a pixel-integrated 3D Gaussian with separate widths in z
    and yx gives the sub-slice z and the FWHMs; yx comes from the network in the best
-   planes.
+   planes. A spot that two Gaussians on one z line fit much better is two spots (a z
+   pair, ``z_split``).
 
 Memory: a few planes and the peak lists. Processing the volume in z-blocks (``z_block``)
 gives the same spots: each block is run with ``Z_HALO`` planes of context on either
@@ -212,11 +213,9 @@ def _link(z: np.ndarray, yx: np.ndarray, distance: float = LINK_DISTANCE, gap: i
                 gapk = zz - z[open_idx[io]]  # prefer the nearest plane, then yx distance
                 for k in np.lexsort((inew, io, d, gapk)):
                     old, new = open_idx[io[k]], inew[k]
-                    if taken_new[new] or out[old] in (-2,):
-                        continue
                     cid = out[old]
-                    if last_seen.get(cid) != old:
-                        continue  # that chain was continued already
+                    if taken_new[new] or last_seen.get(cid) != old:
+                        continue  # this peak is taken, or that chain was continued already
                     out[a + new] = cid
                     last_seen[cid] = a + new
                     taken_new[new] = True

@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ..annotate import MIN_THRESHOLD, SpotCandidates, axes_choices
+from ..annotate import MIN_THRESHOLD, SpotCandidates
 from . import _layers
 from ._common import (
     LayerCombo,
@@ -103,9 +103,7 @@ class DetectWidget(WorkerMixin, QWidget):
         self.axes.blockSignals(True)
         self.axes.clear()
         if layer is not None:
-            self.axes.addItems(
-                axes_choices(_layers.layer_shape(layer), getattr(layer, "rgb", False))
-            )
+            self.axes.addItems(_layers.layer_axes_choices(layer))
         self.axes.blockSignals(False)
         self._on_axes_changed()
 

@@ -57,8 +57,18 @@ def from_pixels(pixels, layer, image_layer) -> np.ndarray:
     return (p * s + t - lt) / ls
 
 
-def default_axes(layer) -> str:
+def layer_axes_choices(layer) -> list[str]:
+    """:func:`piscis.annotate.axes_choices` of a layer, the axes its reader recorded
+    (``metadata["piscis"]["axes"]``, e.g. a 6-plane ZYX stack) first."""
     choices = axes_choices(layer_shape(layer), getattr(layer, "rgb", False))
+    known = meta(layer).get("axes")
+    if isinstance(known, str) and known in choices:
+        choices = [known, *[c for c in choices if c != known]]
+    return choices
+
+
+def default_axes(layer) -> str:
+    choices = layer_axes_choices(layer)
     return choices[0] if choices else ""
 
 
