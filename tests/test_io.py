@@ -30,6 +30,7 @@ from piscis.io import (
 )
 
 SHAPE = (24, 36)  # Y != X so a transposed result cannot pass
+ZYX = {"axes": "ZYX"}
 
 
 def _base(seed: int = 0, high: int = 100) -> np.ndarray:
@@ -88,7 +89,7 @@ def test_every_int_and_float_dtype_both_byte_orders_2d_and_3d(dtype, order, ndim
 def test_wide_and_half_dtypes_read_from_tiff_in_3d(tmp_path, dtype, order):
     base = _stack(3, 41) // 10
     path = tmp_path / "v.tif"
-    tifffile.imwrite(path, base.astype(order + dtype), metadata={"axes": "ZYX"})
+    tifffile.imwrite(path, base.astype(order + dtype), photometric="minisblack", metadata=ZYX)
     data = read_image(path)
     assert data.axes == "ZYX" and data.image.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(data.image, base)
@@ -99,7 +100,9 @@ def test_wide_and_half_dtypes_read_from_tiff_in_3d(tmp_path, dtype, order):
 def test_bool_and_complex_refused_before_processing_2d_and_3d(tmp_path, dtype, ndim):
     path = tmp_path / "bad.tif"
     shape = (3, *SHAPE) if ndim == 3 else SHAPE
-    tifffile.imwrite(path, np.zeros(shape, dtype), metadata={"axes": "ZYX"[-ndim:]})
+    tifffile.imwrite(
+        path, np.zeros(shape, dtype), photometric="minisblack", metadata={"axes": "ZYX"[-ndim:]}
+    )
     for call in (read_image, pio.read_planes, lambda p: pio.read_channels(p, [None])):
         with pytest.raises(InputError) as e:
             call(path)
@@ -134,7 +137,7 @@ def test_ome_physical_sizes_give_the_voxel_size(tmp_path):
 
 def test_voxel_size_unknown_given_and_wrong(tmp_path):
     path = tmp_path / "p.tif"
-    tifffile.imwrite(path, _stack(3, 45), metadata={"axes": "ZYX"})
+    tifffile.imwrite(path, _stack(3, 45), photometric="minisblack", metadata=ZYX)
     assert read_image(path).spacing is None
     assert read_image(path, voxel_size=(0.5, 0.1, 0.2)).spacing == (0.5, 0.1, 0.2)
     assert read_image(path, voxel_size=(0.5, 0.1, 0.2), project=True).spacing == (0.1, 0.2)
@@ -306,7 +309,7 @@ def test_imagej_hyperstack_zcyx_with_channel(tmp_path):
 def test_ome_tiff_zyx_axes_from_metadata(tmp_path, suffix):
     z = _stack(3, 12)
     path = tmp_path / f"o{suffix}"
-    tifffile.imwrite(path, z, metadata={"axes": "ZYX"})
+    tifffile.imwrite(path, z, photometric="minisblack", metadata=ZYX)
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome
     data = read_image(path)
@@ -734,7 +737,9 @@ def test_saved_model_folder_is_not_private(tiny_model):
 def test_large_uncompressed_stacks_are_memory_mapped(tmp_path, monkeypatch, order):
     z = _stack(4, 49)
     path = tmp_path / "big.tif"
-    tifffile.imwrite(path, z.astype(order + "u2"), metadata={"axes": "ZYX"}, byteorder=order)
+    tifffile.imwrite(
+        path, z.astype(order + "u2"), photometric="minisblack", metadata=ZYX, byteorder=order
+    )
     monkeypatch.setattr(pio, "MEMMAP_BYTES", 0)  # every file counts as large
     data = read_image(path)
     np.testing.assert_array_equal(data.image, z)
@@ -749,7 +754,7 @@ def test_large_uncompressed_stacks_are_memory_mapped(tmp_path, monkeypatch, orde
     # the other byte order is read and converted
     assert mapped(data.image) == (np.dtype(order + "u2").isnative)
     compressed = tmp_path / "zip.tif"
-    tifffile.imwrite(compressed, z, metadata={"axes": "ZYX"}, compression="zlib")
+    tifffile.imwrite(compressed, z, photometric="minisblack", metadata=ZYX, compression="zlib")
     data = read_image(compressed)
     np.testing.assert_array_equal(data.image, z)
     assert not mapped(data.image)
