@@ -380,6 +380,41 @@ def _fit_gaussians(crop, ok, origin, init, k: int = 1):
     return (amps, b, zs, y, x, sz, sr), float(np.sum(r.fun**2))
 
 
+def _split_normal_cdf(t: np.ndarray, s1: float, s2: float) -> np.ndarray:
+    """Integral up to ``t`` of exp(-t^2 / 2 s^2), s = s1 below 0 and s2 above."""
+    k = math.sqrt(math.pi / 2)
+    below = s1 * k * (1 + erf(np.minimum(t, 0) / (math.sqrt(2) * s1)))
+    above = s2 * k * erf(np.maximum(t, 0) / (math.sqrt(2) * s2))
+    return below + above
+
+
+def _skewed_rss(crop, ok, origin, one) -> float | None:
+    """Residual sum of squares of one spot whose z profile is a split Gaussian (its own
+    width below and above its maximum: an asymmetric axial PSF), started from the
+    symmetric fit ``one``; None when the fit fails."""
+    (amps, b, zs, y0, x0, sz, sr), _ = one
+    zc = np.arange(crop.shape[0]) + origin[0]
+    yc = np.arange(crop.shape[1]) + origin[1]
+    xc = np.arange(crop.shape[2]) + origin[2]
+    data = crop[ok]
+
+    def resid(p):
+        a, bb, mz, y, x, s1, s2, r = p
+        s1, s2, r = (math.sqrt(v * v + 0.09) for v in (s1, s2, r))
+        gz = _split_normal_cdf(zc + 0.5 - mz, s1, s2) - _split_normal_cdf(zc - 0.5 - mz, s1, s2)
+        gy, gx = _ig_d(yc, y, r)[0], _ig_d(xc, x, r)[0]
+        return bb + a * (gz[:, None, None] * gy[None, :, None] * gx[None, None, :])[ok] - data
+
+    w = lambda v: math.sqrt(max(v * v - 0.09, 1e-4))  # noqa: E731
+    amp = float(amps[0]) / (math.sqrt(2 * math.pi) * sz)  # integral in z -> peak in z
+    p0 = np.array([amp, b, zs[0], y0, x0, w(sz), w(sz), w(sr)], dtype=np.float64)
+    try:
+        r = least_squares(resid, p0, method="lm", x_scale=[abs(amp) + 1e-6, 1, 1, 1, 1, 1, 1, 1])
+    except (ValueError, FloatingPointError):
+        return None
+    return float(np.sum(r.fun**2)) if np.all(np.isfinite(r.x)) else None
+
+
 def _parabolic_z(zs: np.ndarray, signal: np.ndarray) -> float:
     """Sub-slice z of a profile's maximum: a Gaussian (log-parabola) through the
     maximum and its two neighbours; the maximum's plane at the ends."""
@@ -422,7 +457,8 @@ def measure_spots(
     fit much better than one (residual drop > ``SPLIT_CHI2`` noise variances,
     components ``SPLIT_MIN_DZ`` slices or more apart, the weaker at least
     ``SPLIT_MIN_AMP`` of the stronger, and the one-Gaussian fit ``SPLIT_WIDER`` times
-    wider in z than the components) is two spots.
+    wider in z than the components), and much better than one spot with an asymmetric
+    z profile (a split Gaussian: aberrated PSFs are), is two spots.
     """
     n = len(groups)
     nz, h, w = vol.shape
@@ -524,7 +560,10 @@ def _measure_one(crop, origin, own, others, norm, radius) -> list[tuple]:
                     and ratio >= SPLIT_MIN_AMP
                     and sz >= SPLIT_WIDER * sz2
                 ):
-                    comps, sz, sr, split = sorted(float(v) for v in zs2), sz2, sr2, True
+                    # Not if one spot with an asymmetric axial profile fits as well.
+                    skew = _skewed_rss(crop, ok, origin, one)
+                    if skew is None or (skew - rss2) / norm.noise**2 > SPLIT_CHI2:
+                        comps, sz, sr, split = sorted(float(v) for v in zs2), sz2, sr2, True
     rows = []
     for zc in comps:
         k = int(np.clip(np.floor(zc + 0.5), origin[0], origin[0] + crop.shape[0] - 1))

@@ -250,3 +250,20 @@ def test_volume_candidates_match_detect_at_every_threshold(default):
         np.testing.assert_array_equal(cands.at(t).coords, detect(vol, default, threshold=t).coords)
     with pytest.raises(ValueError, match="below the cached minimum"):
         cands.at(0.01)
+
+
+def test_an_asymmetric_axial_psf_is_one_spot_not_a_z_pair(default):
+    """Aberrated PSFs are longer on one side in z: no z split for them."""
+    from piscis.synth import random_positions, render_spots
+
+    rng = np.random.default_rng(13)
+    shape = (16, 96, 96)
+    true = random_positions(rng, shape, 12, min_sep=10, margin=5)
+    zz = np.arange(shape[0])[:, None, None]
+    vol = np.full(shape, 100.0) + rng.normal(0, 5, shape)
+    for c in true:
+        dz = zz - c[0]
+        profile = np.exp(-(dz**2) / (2 * np.where(dz < 0, 1.2, 2.0) ** 2))
+        vol += 3000 * profile * render_spots(shape[1:], c[None, 1:], np.ones(1), np.ones(1))[None]
+    spots = detect(vol.astype(np.float32), default)
+    assert len(spots) == 12 and not spots.columns()["z_split"].any()
