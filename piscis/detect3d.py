@@ -304,12 +304,12 @@ def _ig_d(c: np.ndarray, mu: float, s: float):
     return g, -(pp - pm) / s, -(pp * up - pm * um) / s
 
 
-def _fit_gaussians(crop, ok, origin, init, k: int = 1):
+def _fit_gaussians(crop, ok, origin, init, k: int = 1, spread: float = 0.8):
     """Least-squares fit of ``k`` pixel-integrated 3D Gaussians on the voxels ``ok`` of
     ``crop``: same y, x, sigma_z and sigma_yx, own amplitude and z, one background.
 
     ``init`` is (peak height, background, z, y, x, sigma_z, sigma_yx) of one spot; with
-    k = 2 the components start at z -+ 0.8 sigma_z. Returns (params, rss) in volume
+    k = 2 the components start at z -+ ``spread`` sigma_z. Returns (params, rss) in volume
     coordinates, params = (amplitudes (k,), background, zs (k,), y, x, sigma_z,
     sigma_yx), amplitudes as integrals (grey levels x voxels), or None when the fit
     fails or leaves the crop.
@@ -318,7 +318,7 @@ def _fit_gaussians(crop, ok, origin, init, k: int = 1):
     yc = np.arange(crop.shape[1]) + origin[1]
     xc = np.arange(crop.shape[2]) + origin[2]
     a0, b0, z0, y0, x0, sz0, sr0 = init
-    zs0 = [z0] if k == 1 else [z0 - 0.8 * sz0, z0 + 0.8 * sz0]
+    zs0 = [z0] if k == 1 else [z0 - spread * sz0, z0 + spread * sz0]
     amps0 = [a0] if k == 1 else [0.6 * a0, 0.6 * a0]
     data = crop[ok]
 
@@ -366,7 +366,7 @@ def _fit_gaussians(crop, ok, origin, init, k: int = 1):
             jac=jac,
             method="lm",
             x_scale=[unit] * k + [unit * peak] + [1.0] * (k + 4),
-            max_nfev=200,
+            max_nfev=1000,
         )
     except (ValueError, FloatingPointError):
         return None
@@ -548,7 +548,11 @@ def _measure_one(crop, origin, own, others, norm, radius) -> list[tuple]:
             if abs(zs[0] - z) <= 1.5:
                 z = comps[0] = float(zs[0])
             peak = max(float(data.max()) - b, 1e-6)
-            two = _fit_gaussians(crop, ok, origin, (peak, b, z, my, mx, sz, sr), 2)
+            two = None
+            for spread in (0.8, 0.5, 1.2):  # another start when a fit goes astray
+                two = _fit_gaussians(crop, ok, origin, (peak, b, z, my, mx, sz, sr), 2, spread)
+                if two is not None:
+                    break
             if two is not None and norm.noise > 0:
                 (amps2, _, zs2, _, _, sz2, sr2), rss2 = two
                 gain = (rss1 - rss2) / norm.noise**2
