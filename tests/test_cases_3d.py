@@ -338,6 +338,9 @@ def test_c08_z_pairs_below_the_resolution_are_one_spot_with_a_warning(model, cap
         assert true[2 * k, 0] < spots.coords[near, 0][0] < true[2 * k + 1, 0]
     n = int(cols["z_elongated"].sum())
     assert any(f"{n} spots are elongated in z" in r.message for r in caplog.records)
+    hit = np.zeros(len(true), bool)
+    hit[match3(spots.coords, true)[:, 1]] = True
+    assert all(hit[np.repeat(seps == s, 2)].mean() >= 0.9 for s in (3, 4))  # 2 sigma_z: split
 
 
 # --------------------------------------------------------------------------- C17
