@@ -323,6 +323,9 @@ def pair_name(name: str) -> str:
     return name
 
 
+ANNOTATION_FRAME = "pixel"  # annotation CSVs hold 0-based pixel indices, centres at integers
+
+
 def save_training_pair(
     folder,
     name: str,
@@ -330,26 +333,38 @@ def save_training_pair(
     coords: np.ndarray,
     region: np.ndarray | None = None,
     overwrite: bool = False,
+    scale=None,
+    translate=None,
+    units: str | None = None,
 ) -> dict[str, Path]:
     """Write one training pair as ``piscis train`` reads it.
 
-    ``NAME.tif`` (the 2D image, its own dtype), ``NAME.csv`` (``y,x``, 0-based
-    pixels) and, when ``region`` is given, ``NAME.mask.tif`` (uint8, 255 where
-    the image was fully annotated). Spots off the image are dropped with a
-    message. Existing files are kept unless ``overwrite``; with ``overwrite``
-    and no region, a stale ``NAME.mask.tif`` is removed (it would restrict
-    training to an old region).
+    ``NAME.tif`` (the image, its own dtype; a (Z, Y, X) volume with axes ``ZYX`` in
+    its metadata), ``NAME.csv`` (``y,x`` or ``z,y,x``: 0-based pixel indices of the
+    image array, pixel centres at integers), ``NAME.json`` (the coordinate frame:
+    ``frame`` "pixel", ``axes``, and the display ``scale``, ``translate`` and
+    ``units`` the points were drawn with, so world = pixel * scale + translate) and,
+    when ``region`` is given, ``NAME.mask.tif`` (uint8, 255 where the image was fully
+    annotated; a (Y, X) region of a volume applies to every plane). Spots off the
+    image are dropped with a message. Existing files are kept unless ``overwrite``;
+    with ``overwrite`` and no region, a stale ``NAME.mask.tif`` is removed (it would
+    restrict training to an old region).
 
-    Returns the paths written, by kind (``image``, ``spots``, ``mask``).
+    Returns the paths written, by kind (``image``, ``spots``, ``frame``, ``mask``).
     """
+    import json
+
     import tifffile
 
     folder = Path(folder)
     name = pair_name(name)
     image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"a training image must be 2D (Y, X), got shape {image.shape}")
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 2)
+    if image.ndim not in (2, 3):
+        raise ValueError(
+            f"a training image must be 2D (Y, X) or 3D (Z, Y, X), got shape {image.shape}"
+        )
+    nd = image.ndim
+    coords = np.asarray(coords, dtype=np.float64).reshape(-1, nd)
     on = np.all((coords >= -0.5) & (coords < np.asarray(image.shape) - 0.5), axis=1)
     on &= np.all(np.isfinite(coords), axis=1)
     if not on.all():
@@ -357,13 +372,33 @@ def save_training_pair(
         coords = coords[on]
     if region is not None:
         region = np.asarray(region).astype(bool)
+        if nd == 3 and region.shape == image.shape[1:]:
+            region = np.broadcast_to(region, image.shape)
         if region.shape != image.shape:
             raise ValueError(
                 f"region shape {region.shape} differs from the image shape {image.shape}"
             )
         if not region.any():
             raise ValueError("the annotated region is empty: draw it over the image")
-    paths = {"image": folder / f"{name}.tif", "spots": folder / f"{name}.csv"}
+    axes = "ZYX"[3 - nd :]
+    scale = [1.0] * nd if scale is None else [float(v) for v in scale][-nd:]
+    translate = [0.0] * nd if translate is None else [float(v) for v in translate][-nd:]
+    frame = {
+        "frame": ANNOTATION_FRAME,
+        "origin": "0-based pixel indices, pixel centres at integers",
+        "axes": axes,
+        "columns": list(axes.lower()),
+        "shape": list(image.shape),
+        "scale": scale,
+        "translate": translate,
+        "units": units or ("pixel" if scale == [1.0] * nd else "unknown"),
+        "world": "pixel * scale + translate",
+    }
+    paths = {
+        "image": folder / f"{name}.tif",
+        "spots": folder / f"{name}.csv",
+        "frame": folder / f"{name}.json",
+    }
     mask_path = folder / f"{name}.mask.tif"
     if region is not None:
         paths["mask"] = mask_path
@@ -373,7 +408,11 @@ def save_training_pair(
             raise FileExistsError(f"{existing[0]} exists; choose another name or overwrite")
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_tiff(paths["image"], image, tifffile)
-    atomic_write_text(paths["spots"], table_text({"y": coords[:, 0], "x": coords[:, 1]}))
+    cols = {a: coords[:, i] for i, a in enumerate(axes.lower())}
+    if nd == 3:
+        cols = {"z": cols["z"], "y": cols["y"], "x": cols["x"]}
+    atomic_write_text(paths["spots"], table_text(cols, float_format="{:.6f}"))
+    atomic_write_text(paths["frame"], json.dumps(frame, indent=2) + "\n")
     if region is not None:
         _atomic_tiff(mask_path, region.astype(np.uint8) * 255, tifffile)
     elif mask_path.exists():
@@ -381,11 +420,69 @@ def save_training_pair(
     return paths
 
 
+@dataclass
+class Annotations:
+    """Annotation points read back: pixel indices and the frame they were drawn in."""
+
+    coords: np.ndarray  # (N, 2) (y, x) or (N, 3) (z, y, x), 0-based pixel indices
+    axes: str = "YX"
+    scale: tuple[float, ...] = (1.0, 1.0)
+    translate: tuple[float, ...] = (0.0, 0.0)
+    units: str = "pixel"
+
+    def world(self) -> np.ndarray:
+        """The points in the display (world) frame: pixel * scale + translate."""
+        return self.coords * np.asarray(self.scale) + np.asarray(self.translate)
+
+
+def read_annotations(path) -> Annotations:
+    """Read ``NAME.csv`` of a training pair with its ``NAME.json`` frame (when there).
+
+    ``y,x`` or ``z,y,x`` columns (our CSVs; other layouts go through
+    :func:`piscis.io.read_spots`, 2D). Without a JSON the frame is the identity.
+    """
+    import json
+
+    from .io import read_spots
+
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = [h.strip().lower() for h in next(csv.reader(f), [])]
+    yx = read_spots(path)
+    coords = yx
+    if "z" in header:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f))[1:]
+        iz = header.index("z")
+        z = np.array([float(r[iz]) for r in rows if r and any(c.strip() for c in r)])
+        coords = np.column_stack([z, yx])
+    nd = coords.shape[1]
+    side = path.with_suffix(".json")
+    info: dict = {}
+    if side.exists():
+        try:
+            info = json.loads(side.read_text())
+        except ValueError as e:
+            raise InputError(f"{side}: not a JSON frame file ({e})") from None
+        if info.get("frame", ANNOTATION_FRAME) != ANNOTATION_FRAME:
+            raise InputError(f"{side}: frame {info.get('frame')!r} is not supported (pixel)")
+        if len(info.get("axes", "ZYX"[3 - nd :])) != nd:
+            raise InputError(f"{side}: axes {info.get('axes')!r} do not match {nd} CSV columns")
+    return Annotations(
+        coords,
+        info.get("axes", "ZYX"[3 - nd :]),
+        tuple(float(v) for v in info.get("scale", [1.0] * nd)),
+        tuple(float(v) for v in info.get("translate", [0.0] * nd)),
+        str(info.get("units", "pixel")),
+    )
+
+
 def _atomic_tiff(path: Path, data: np.ndarray, tifffile) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        tifffile.imwrite(tmp, data, photometric="minisblack")
+        md = {"axes": "ZYX"} if data.ndim == 3 else None  # tifffile's shaped metadata
+        tifffile.imwrite(tmp, data, photometric="minisblack", metadata=md)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -466,6 +563,32 @@ def plane(data, axes: str, channel: int | None = None, name: str = "image") -> n
     if "C" not in axes:
         channel = None
     return to_plane(data, axes, channel=channel, name=name, explicit=True).image
+
+
+def image_array(data, axes: str, channel: int | None = None, name: str = "image"):
+    """The (Y, X) or (Z, Y, X) array of a displayed array: the channel picked, the
+    axes put in Z, Y, X order, no projection. A plain (Y, X) or (Z, Y, X) layer's data
+    is returned as it is (a lazy volume stays lazy)."""
+    if isinstance(data, (list, tuple)):  # a multiscale pyramid: the full resolution
+        data = data[0]
+    axes = axes.upper()
+    if "C" in axes:
+        c = axes.index("C")
+        n = data.shape[c]
+        ch = 0 if channel is None else int(channel)
+        if not 0 <= ch < n:
+            raise ValueError(f"{name}: channel {ch} is out of range (0..{n - 1})")
+        data = np.take(np.asarray(data), ch, axis=c)
+        axes = axes.replace("C", "")
+    if set(axes) - set("ZYX") or len(axes) != len(data.shape) or not axes.endswith("X"):
+        raise ValueError(
+            f"{name}: axes {axes!r} cannot be detected on (shape {tuple(data.shape)}); "
+            "supported: YX, ZYX, with a C axis anywhere"
+        )
+    order = [axes.index(a) for a in "ZYX" if a in axes]
+    if order != list(range(len(order))):
+        data = np.transpose(np.asarray(data), order)
+    return data
 
 
 # --------------------------------------------------------------------------- models

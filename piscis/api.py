@@ -51,10 +51,16 @@ def _split_kwargs(kwargs: dict) -> tuple[dict, dict]:
 
 
 def _plane(array, shape, what: str, name: str) -> np.ndarray:
+    """A (Y, X) channel to segment: of the image's shape, or of its (Y, X) shape for a
+    volume; a (Z, Y, X) channel of a volume's shape is max-projected."""
     array = np.asarray(array)
-    if array.shape != tuple(shape):
+    shape = tuple(shape)
+    if len(shape) == 3 and array.shape == shape:
+        logger.info("%s: %s segmented on its max projection along z", name, what)
+        return array.max(axis=0)
+    if array.shape != shape[-2:] and array.shape != shape:
         raise ValueError(
-            f"{name}: {what} shape {array.shape} does not match the image shape {tuple(shape)}"
+            f"{name}: {what} shape {array.shape} does not match the image shape {shape}"
         )
     return array
 
@@ -74,6 +80,7 @@ def count_spots(
     expand: float = 15,
     tile_size: int | None = None,
     min_snr: float | None = None,
+    spacing=None,
     name: str = "image",
     return_masks: bool = False,
     roi=None,
@@ -94,13 +101,18 @@ def count_spots(
 
     Parameters
     ----------
-    image : (Y, X) array
-        The spot channel.
-    cells, nuclei : (Y, X) int arrays, optional
-        Label images of the image's shape (refused, with both shapes, otherwise).
+    image : (Y, X) or (Z, Y, X) array
+        The spot channel. A volume may be any array-like with ``.shape``, ``.dtype``
+        and ``image[z]`` (zarr, memmap); it is read plane by plane.
+    cells, nuclei : int arrays, optional
+        Label images: (Y, X) of the image's (Y, X) shape (for a volume, applied to
+        every plane), or (Z, Y, X) of a volume's shape; refused, with both shapes,
+        otherwise.
     nuclear_image, cytoplasm_image : (Y, X) arrays, optional
         Channels to segment nuclei and cells from (not together with ``nuclei`` and
-        ``cells`` respectively; ``cytoplasm_image`` needs nuclei as seeds).
+        ``cells`` respectively; ``cytoplasm_image`` needs nuclei as seeds). For a
+        volume: (Y, X), or (Z, Y, X) segmented on its max projection (2D cells for
+        every plane).
     model, threshold, scale :
         As for :func:`piscis.detect.detect` (None: the default model, its threshold and
         scale).
@@ -116,6 +128,9 @@ def count_spots(
         Tile size of the detector (default its own).
     min_snr : float, optional
         Significance floor of the detector (default the model's own).
+    spacing : tuple, optional
+        Voxel size (z, y, x) in micrometres of a volume (``ImageData.spacing``), for the
+        detector's ``fwhm_*_um`` columns.
     name : str
         How messages name the image (e.g. its file name).
     return_masks : bool
@@ -133,27 +148,34 @@ def count_spots(
     Returns
     -------
     spots_table : dict of str -> (N,) array
-        ``y, x, score, intensity, background`` (and the detector's extra columns), with
+        ``y, x, score, intensity, background`` (``z, y, x, ...`` for a volume, see
+        :meth:`piscis.detect.Spots.columns`; and the detector's extra columns), with
         cells or nuclei also ``cell_id`` (0 = outside every cell) and ``in_nucleus``
-        (bool; None for every spot when there is no nucleus mask). Sorted by (y, x).
+        (bool; None for every spot when there is no nucleus mask). Sorted by (y, x)
+        ((z, y, x) for a volume).
     cells_table : list of dict
         One row per cell label (sorted by id, also cells without spots), keys
         :data:`piscis.cells.CELL_COLUMNS`; ``n_spots_nucleus`` and ``n_spots_cytoplasm``
         are None without nuclei. Empty without cells and nuclei.
     masks : dict, only with ``return_masks``
-        ``{"cells": labels or None, "nuclei": labels or None}``, (Y, X) int64.
+        ``{"cells": labels or None, "nuclei": labels or None}``, (Y, X) or (Z, Y, X)
+        int64.
 
     Notes
     -----
     A spot belongs to the pixel ``floor(y + 0.5), floor(x + 0.5)`` (see
-    :mod:`piscis.cells`); a spot on nucleus pixels outside every cell has ``cell_id``
-    0 and ``in_nucleus`` True.
+    :mod:`piscis.cells`; on a 3D mask the voxel, z rounded the same way); a spot on
+    nucleus pixels outside every cell has ``cell_id`` 0 and ``in_nucleus`` True.
     """
     from .detect import detect  # looked up at each call (tests may replace it)
 
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"{name}: count_spots takes a 2D (Y, X) image, got shape {image.shape}")
+    if not (hasattr(image, "shape") and hasattr(image, "dtype") and len(image.shape) == 3):
+        image = np.asarray(image)  # a volume may stay lazy (read plane by plane)
+    if len(image.shape) not in (2, 3):
+        raise ValueError(
+            f"{name}: count_spots takes a 2D (Y, X) image or a 3D (Z, Y, X) volume, "
+            f"got shape {tuple(image.shape)}"
+        )
     if nuclei is not None and nuclear_image is not None:
         raise ValueError(f"{name}: give nuclei or nuclear_image, not both")
     if cells is not None and cytoplasm_image is not None:
@@ -161,7 +183,7 @@ def count_spots(
     if cytoplasm_image is not None and nuclei is None and nuclear_image is None:
         raise ValueError(f"{name}: cytoplasm_image needs nuclei or nuclear_image (the seeds)")
     nuc_kw, cell_kw = _split_kwargs(segmentation_kwargs)
-    shape = image.shape
+    shape = tuple(image.shape)
     if cells is not None:
         cells = check_labels(cells, shape, name=f"{name}: cells")
     if nuclei is not None:
@@ -182,6 +204,8 @@ def count_spots(
     options = {} if tile_size is None else {"tile_size": tile_size}
     if roi is not None:
         options["roi"] = roi
+    if len(shape) == 3 and spacing is not None:
+        options["spacing"] = spacing
     spots = detect(
         image, model=model, threshold=threshold, scale=scale, name=name, min_snr=min_snr, **options
     )

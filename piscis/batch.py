@@ -59,6 +59,8 @@ RECORD_OPTIONS = (
     "min_snr",
     "channel",
     "axes",
+    "project",
+    "voxel_size",
     "roi",
     "cells",
     "nuclei",
@@ -97,8 +99,8 @@ class Result:
     name: str
     error: str | None = None
     spots_text: str = ""
-    row: dict = field(default_factory=dict)
-    cells_text: str = ""
+    rows: list = field(default_factory=list)  # summary rows, one per time point / channel
+    cell_rows: list = field(default_factory=list)
     n_spots: int = 0
     segmented: dict = field(default_factory=dict)
     logs: list = field(default_factory=list)  # (level, message) from a worker
@@ -205,44 +207,50 @@ def _streamed(path: Path, opts) -> object | None:
     return plane if plane.size > opts.stream_pixels else None
 
 
-def _result(job: Job, opts, table: dict, shape, cell_rows=(), segmented=None) -> Result:
-    from .cells import CELL_COLUMNS
+def _result(job: Job, opts, planes: list) -> Result:
+    """The result of an image from its planes (:class:`piscis.cli._Plane`, one per time
+    point and channel): one summary row per plane, the spot table, the cell rows."""
+    from .cli import _merged_table
     from .io import table_text
 
     model = _model(opts.model)
     threshold = model.threshold if opts.threshold is None else opts.threshold
-    n = len(table["y"])
-    row = {
-        "image": job.path,
-        "n_spots": n,
-        "height": int(shape[0]),
-        "width": int(shape[1]),
-        "threshold": threshold,
-        "model": model.name,
-    }
-    cells_text = ""
-    if opts.cells_mode:
-        row["n_cells"] = len(cell_rows)
-        row["n_spots_in_cells"] = int(np.count_nonzero(np.asarray(table["cell_id"]) > 0))
-        names = ["image", *CELL_COLUMNS]
-        rows = [{"image": job.path, **r} for r in cell_rows]
-        cells_text = table_text({k: [r[k] for r in rows] for k in names}).split("\n", 1)[1]
+    rows, cell_rows = [], []
+    for p in planes:
+        row = {
+            "image": job.path,
+            "n_spots": len(p.table["y"]),
+            "height": int(p.shape[-2]),
+            "width": int(p.shape[-1]),
+            "threshold": threshold,
+            "model": model.name,
+            **p.index,
+        }
+        if len(p.shape) == 3:
+            row["depth"] = int(p.shape[0])
+        if opts.cells_mode:
+            row["n_cells"] = len(p.cell_rows)
+            row["n_spots_in_cells"] = int(np.count_nonzero(np.asarray(p.table["cell_id"]) > 0))
+            cell_rows.extend({"image": job.path, **p.index, **r} for r in p.cell_rows)
+        rows.append(row)
     return Result(
         job.index,
         job.path,
         job.name,
-        spots_text=table_text(table),
-        row=row,
-        cells_text=cells_text,
-        n_spots=n,
-        segmented=segmented or {},
+        spots_text=table_text(_merged_table(planes)),
+        rows=rows,
+        cell_rows=cell_rows,
+        n_spots=sum(r["n_spots"] for r in rows),
+        segmented=planes[0].segmented if planes else {},
     )
 
 
 def _spots_result(job: Job, opts, spots, shape) -> Result:
+    from .cli import _Plane
+
     if len(spots) == 0:
         logger.warning("%s: no spots detected", job.path)
-    return _result(job, opts, dict(spots.columns()), shape)
+    return _result(job, opts, [_Plane({}, tuple(shape), dict(spots.columns()), [])])
 
 
 def run_image(
@@ -294,6 +302,23 @@ def _run_image(job: Job, opts, split: bool, progress) -> Result | Plan:
     path = Path(job.file or job.path)
     model = _model(opts.model)
     plane = _streamed(path, opts)
+    if plane is not None and plane.volume is not None and not getattr(opts, "project", False):
+        from .detect import detect
+
+        volume = plane.volume  # 3D detection, read plane by plane
+        voxel = getattr(opts, "voxel_size", None)
+        spots = detect(
+            volume,
+            model,
+            threshold=opts.threshold,
+            scale=opts.scale,
+            tile_size=opts.tile_size,
+            min_snr=opts.min_snr,
+            name=str(path),
+            progress=progress,
+            spacing=tuple(voxel) if voxel is not None and len(voxel) == 3 else None,
+        )
+        return _spots_result(job, opts, spots, volume.shape)
     if plane is not None:
         if split and plane.size > opts.split_pixels:
             n_rows = tile_rows(plane.shape, model, opts.tile_size)
@@ -312,8 +337,7 @@ def _run_image(job: Job, opts, split: bool, progress) -> Result | Plan:
         )
         return _spots_result(job, opts, spots, plane.shape)
     masks = {kind: {path: Path(where) if found else where} for kind, found, where in job.masks}
-    image, table, cell_rows, segmented = _count_one(path, opts, model, masks)
-    return _result(job, opts, table, image.shape, cell_rows, segmented)
+    return _result(job, opts, _count_one(path, opts, model, masks))
 
 
 def run_band(job: Job, opts, plan: Plan, rows: tuple[int, int]):
@@ -572,8 +596,8 @@ class RunState:
     def finish(self, result: Result, files: list[Path]) -> None:
         rec = {
             "name": result.name,
-            "row": result.row,
-            "cells_text": result.cells_text,
+            "rows": result.rows,
+            "cell_rows": result.cell_rows,
             "n_spots": result.n_spots,
             "files": [Path(os.path.relpath(f, self.path.parent)).as_posix() for f in files],
         }

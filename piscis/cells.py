@@ -50,10 +50,14 @@ DENSE_NEIGHBOURS = 4
 
 
 def dense_spots(coords, radius: float = DENSE_RADIUS) -> np.ndarray:
-    """Per spot, how many other spots lie within ``radius`` px (an (N,) int array)."""
+    """Per spot, how many other spots lie within ``radius`` px (an (N,) int array).
+
+    The distance is taken in (y, x): a 3D spot's z is left out.
+    """
     from scipy.spatial import cKDTree
 
-    coords = np.asarray(coords, dtype=float).reshape(-1, 2)
+    coords = np.asarray(coords, dtype=float)
+    coords = coords.reshape(-1, coords.shape[-1] if coords.ndim == 2 else 2)[:, -2:]
     if len(coords) < 2:
         return np.zeros(len(coords), dtype=np.int64)
     counts = cKDTree(coords).query_ball_point(coords, radius, return_length=True)
@@ -82,12 +86,13 @@ def read_labels(path) -> np.ndarray:
 
     Returns
     -------
-    labels : (Y, X) int64 array, checked with :func:`check_labels`.
+    labels : (Y, X) or (Z, Y, X) int64 array, checked with :func:`check_labels`.
 
     Raises
     ------
     ValueError
-        Naming the file and the problem (unreadable, not 2D, no ``masks``, bad values).
+        Naming the file and the problem (unreadable, not 2D or 3D, no ``masks``, bad
+        values).
 
     Notes
     -----
@@ -130,28 +135,34 @@ def check_labels(labels, shape=None, name: str = "labels") -> np.ndarray:
     Parameters
     ----------
     labels : array_like
-        2D label image, 0 = background. Every integer dtype and byte order gives the same
-        result. bool is one object (label 1), with a warning; floats are accepted, with a
-        warning, only if all values are integral. Only 0: a warning.
+        2D (Y, X) or 3D (Z, Y, X) label image, 0 = background. Every integer dtype and
+        byte order gives the same result. bool is one object (label 1), with a warning;
+        floats are accepted, with a warning, only if all values are integral. Only 0: a
+        warning.
     shape : tuple, optional
-        Expected (Y, X) shape (the image's; leading axes are ignored).
+        The image's shape: a 2D mask must match its last two axes (it applies to every
+        plane of a volume), a 3D mask all three.
     name : str
         How to call the mask in messages (e.g. its file name).
 
     Raises
     ------
     ValueError
-        Not 2D, shape differing from ``shape`` (both shapes given), complex/object
+        Not 2D or 3D, shape differing from ``shape`` (both shapes given), complex/object
         dtype, non-integral or non-finite floats, negative values, values beyond int64.
     """
     labels = np.asarray(labels)
     kind = labels.dtype.kind
-    if labels.ndim != 2:
-        raise ValueError(f"{name}: a label image must be 2D (Y, X), got shape {labels.shape}")
-    if shape is not None and tuple(labels.shape) != tuple(shape)[-2:]:
+    if labels.ndim not in (2, 3):
         raise ValueError(
-            f"{name}: label shape {tuple(labels.shape)} does not match the image shape "
-            f"{tuple(shape)[-2:]}"
+            f"{name}: a label image must be 2D (Y, X) or 3D (Z, Y, X), got shape {labels.shape}"
+        )
+    if shape is not None and tuple(labels.shape) != tuple(shape)[-labels.ndim :]:
+        want = tuple(shape)[-labels.ndim :]
+        if len(shape) < labels.ndim:
+            want = f"{tuple(shape)} (a 3D mask needs a 3D image)"
+        raise ValueError(
+            f"{name}: label shape {tuple(labels.shape)} does not match the image shape {want}"
         )
     if kind == "b":
         logger.warning("%s: boolean mask taken as a single object (label 1)", name)
@@ -405,10 +416,11 @@ def assign_spots(coords, cells=None, nuclei=None) -> tuple[np.ndarray, np.ndarra
     ----------
     coords : (N, 2) float array
         Spot (y, x) positions, 0-based, pixel centres at integer coordinates. (N, 3)
-        (z, y, x) spots use their y, x columns (a 2D mask applied to every slice).
-    cells : (Y, X) int array, optional
+        (z, y, x) spots use their y, x columns on a 2D mask (applied to every slice)
+        and the rounded voxel on a 3D mask.
+    cells : (Y, X) or (Z, Y, X) int array, optional
         Cell labels. If None, the nuclei are the cells.
-    nuclei : (Y, X) int array, optional
+    nuclei : int array of the cells' shape, optional
         Nucleus labels; their ids need not match the cell ids.
 
     Returns
@@ -432,17 +444,19 @@ def assign_spots(coords, cells=None, nuclei=None) -> tuple[np.ndarray, np.ndarra
     coords = coords.reshape(0, 2) if coords.size == 0 else coords
     if coords.ndim != 2 or coords.shape[1] not in (2, 3):
         raise ValueError(f"coords must be an (N, 2) or (N, 3) array, got shape {coords.shape}")
-    yx = coords[:, -2:]  # (z, y, x) spots on a 2D mask: use y, x
-    valid = np.all(np.isfinite(yx), axis=1)
-    pix = np.zeros(yx.shape, np.int64)
-    pix[valid] = np.floor(yx[valid] + 0.5).astype(np.int64)
+    if cells.ndim == 3 and coords.shape[1] != 3:
+        raise ValueError("a 3D (Z, Y, X) mask needs (z, y, x) spots, got (y, x) ones")
+    pos = coords[:, -cells.ndim :]  # (z, y, x) spots on a 2D mask: use y, x
+    valid = np.all(np.isfinite(pos), axis=1)
+    pix = np.zeros(pos.shape, np.int64)
+    pix[valid] = np.floor(pos[valid] + 0.5).astype(np.int64)
     valid &= np.all((pix >= 0) & (pix < np.asarray(cells.shape)), axis=1)
-    rows, cols = pix[valid, 0], pix[valid, 1]
+    at = tuple(pix[valid].T)
     cell_id = np.zeros(len(pix), np.int64)
-    cell_id[valid] = cells[rows, cols]
+    cell_id[valid] = cells[at]
     in_nucleus = np.zeros(len(pix), bool)
     if nuclei is not None:
-        in_nucleus[valid] = nuclei[rows, cols] != 0
+        in_nucleus[valid] = nuclei[at] != 0
     if not valid.all():
         logger.info("%d spots outside the image or non-finite: cell_id 0", int((~valid).sum()))
     return cell_id, in_nucleus
@@ -480,7 +494,15 @@ def _per_label(values: np.ndarray, ids: np.ndarray, weights=None) -> np.ndarray:
 
 
 def _label_stats(cells: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Area and centroid (y, x) of each id, in blocks of rows to bound memory."""
+    """Area (voxels for a 3D mask) and centroid (y, x) of each id, in blocks of rows
+    to bound memory."""
+    if cells.ndim == 3:
+        stats = [_label_stats(plane, ids) for plane in cells]
+        area = np.sum([a for a, _, _ in stats], axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sy = np.sum([np.nan_to_num(a * y) for a, y, _ in stats], axis=0) / area
+            sx = np.sum([np.nan_to_num(a * x) for a, _, x in stats], axis=0) / area
+        return area, sy, sx
     area, sy, sx = (np.zeros(len(ids)) for _ in range(3))
     step = max(1, 2**16 // max(1, cells.shape[1]))
     cols = np.arange(cells.shape[1], dtype=np.float64)
@@ -502,7 +524,7 @@ def cell_table(
 
     Parameters
     ----------
-    cells : (Y, X) int array
+    cells : (Y, X) or (Z, Y, X) int array
         Cell labels (with only nuclei, pass them as ``cells`` and as ``nuclei``).
     cell_id, in_nucleus : (N,) arrays
         Output of :func:`assign_spots`.
@@ -519,11 +541,12 @@ def cell_table(
     Returns
     -------
     rows : list of dict with the keys :data:`CELL_COLUMNS`, sorted by ``cell_id``:
-        ``area`` (px), ``n_spots``, ``n_spots_nucleus``, ``n_spots_cytoplasm``
-        (= n_spots - n_spots_nucleus), ``centroid_y``, ``centroid_x`` (mean pixel
-        position), ``touches_border`` (a pixel of the cell lies on the image edge),
-        ``dense`` (a spot of the cell has :data:`DENSE_NEIGHBOURS` or more other spots
-        within :data:`DENSE_RADIUS` px: its count is a lower bound).
+        ``area`` (px; voxels for a 3D mask), ``n_spots``, ``n_spots_nucleus``,
+        ``n_spots_cytoplasm`` (= n_spots - n_spots_nucleus), ``centroid_y``,
+        ``centroid_x`` (mean pixel position), ``touches_border`` (a pixel of the cell
+        lies on the image's y or x edge; the first and last planes of a stack do not
+        count), ``dense`` (a spot of the cell has :data:`DENSE_NEIGHBOURS` or more other
+        spots within :data:`DENSE_RADIUS` px: its count is a lower bound).
     """
     cells = check_labels(cells, name="cells")
     if nuclei is not None:
@@ -535,7 +558,9 @@ def cell_table(
     if unknown.size:
         raise ValueError(f"cell_id holds ids that are not in the cell mask: {_ids(unknown)}")
     area, cy, cx = _label_stats(cells, ids)
-    edge = np.concatenate([cells[0], cells[-1], cells[:, 0], cells[:, -1]])
+    edge = np.concatenate(
+        [e.ravel() for e in (cells[..., 0, :], cells[..., -1, :], cells[..., 0], cells[..., -1])]
+    )
     border = np.isin(ids, edge)
     n_spots = _per_label(cell_id, ids).astype(np.int64)
     n_nuc = [None] * len(ids)

@@ -11,6 +11,7 @@ import glob
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,10 @@ logger = logging.getLogger("piscis")
 
 SUMMARY_COLUMNS = ["image", "n_spots", "height", "width", "threshold", "model"]
 SUMMARY_CELL_COLUMNS = ["n_cells", "n_spots_in_cells"]
+# After SUMMARY_COLUMNS, when some image of the run has them: the time point and channel of
+# the row (one row per time point and channel), and the number of z-planes of a z-stack.
+PLANE_COLUMNS = ["t", "c"]
+SUMMARY_3D_COLUMNS = ["depth"]
 # A mask for image stem S is named S or S + one of these (case-insensitive), in this order
 # of preference, with one of MASK_EXTENSIONS.
 MASK_SUFFIXES = (
@@ -121,23 +126,47 @@ def output_names(images: list[Path]) -> dict[Path, str]:
 # --------------------------------------------------------------------------- commands
 
 
-def _count_one(path: Path, args, model, masks: dict):
-    """Read one image (and its channels and masks) and run :func:`piscis.api.count_spots`."""
+@dataclass
+class _Plane:
+    """The result of one time point / channel of an image."""
+
+    index: dict  # {"t": 0, "c": 1}: positions on the T and C axes the file has
+    shape: tuple  # (Y, X) or (Z, Y, X)
+    table: dict  # the spot columns of count_spots
+    cell_rows: list
+    segmented: dict = field(default_factory=dict)
+
+
+def _count_one(path: Path, args, model, masks: dict) -> list[_Plane]:
+    """Read one image (its time points and channels, and masks) and run
+    :func:`piscis.api.count_spots` on each image in it."""
     from .api import count_spots, read_mask
-    from .io import read_channels, read_image
+    from .io import read_channels, read_planes
 
     nuc_ch = getattr(args, "nuclei_channel", None)
     cyto_ch = getattr(args, "cytoplasm_channel", None)
-    planes = {}
-    # The reader logs its notes (z-projection) itself; all-NaN images are reported by detect.
+    project = getattr(args, "project", False)
+    voxel = getattr(args, "voxel_size", None)
+    extra = {}
+    # The reader logs its notes (axes, projection) itself; all-NaN images are reported by
+    # detect.
     if nuc_ch is None and cyto_ch is None:
-        image = read_image(path, channel=args.channel, axes=args.axes).image
+        planes = read_planes(
+            path, channel=args.channel, axes=args.axes, project=project, voxel_size=voxel
+        )
+        if args.channel is not None:  # one channel, the one asked for: no c column
+            planes = [({k: v for k, v in i.items() if k != "c"}, d) for i, d in planes]
     else:
         wanted = {"nuclear_image": nuc_ch, "cytoplasm_image": cyto_ch}
         wanted = {k: c for k, c in wanted.items() if c is not None}
-        data = read_channels(path, [args.channel, *wanted.values()], axes=args.axes)
-        image = data[0].image
-        planes = {k: d.image for k, d in zip(wanted, data[1:])}
+        data = read_channels(
+            path, [args.channel, *wanted.values()], axes=args.axes, project=project,
+            voxel_size=voxel,
+        )  # fmt: skip
+        # count_spots segments a (Z, Y, X) nucleus/cytoplasm channel on its max projection.
+        extra = {k: d.image for k, d in zip(wanted, data[1:])}
+        planes = [({}, data[0])]
+    shape = planes[0][1].image.shape
     labels = {}
     for kind, found in masks.items():
         where = found[path]
@@ -147,9 +176,10 @@ def _count_one(path: Path, args, model, masks: dict):
             mask = read_mask(where)
         except ValueError as e:
             raise InputError(f"{path}: {kind} mask: {e}") from None
-        if mask.shape != image.shape:
+        if mask.shape != shape and mask.shape != shape[-2:]:
             raise InputError(
-                f"{path}: {kind} mask {where} has shape {mask.shape}, the image {image.shape}"
+                f"{path}: {kind} mask {where} has shape {mask.shape}, the image {shape}"
+                + (" (a z-stack takes a (Y, X) or a (Z, Y, X) mask)" if len(shape) == 3 else "")
             )
         labels[kind] = mask
     seg = {}
@@ -159,26 +189,44 @@ def _count_one(path: Path, args, model, masks: dict):
             "min_nucleus_area": args.min_nucleus_area,
             "expand": args.expand,
         }
-    table, cell_rows, used = count_spots(
-        image,
-        **labels,
-        **planes,
-        model=model,
-        threshold=args.threshold,
-        scale=args.scale,
-        tile_size=args.tile_size,
-        min_snr=args.min_snr,
-        name=str(path),
-        return_masks=True,
-        roi=getattr(args, "roi", None),
-        **seg,
-    )
-    segmented = {}
-    if "nuclear_image" in planes:
-        segmented["nuclei"] = used["nuclei"]
-    if "cells" not in labels and used["cells"] is not None:
-        segmented["cells"] = used["cells"]
-    return image, table, cell_rows, segmented
+    out = []
+    for index, plane in planes:
+        where = "".join(f" [{k}={v}]" for k, v in index.items())
+        table, cell_rows, used = count_spots(
+            plane.image,
+            **labels,
+            **extra,
+            model=model,
+            threshold=args.threshold,
+            scale=args.scale,
+            tile_size=args.tile_size,
+            min_snr=args.min_snr,
+            spacing=plane.spacing,
+            name=f"{path}{where}",
+            return_masks=True,
+            roi=getattr(args, "roi", None),
+            **seg,
+        )
+        segmented = {}
+        if "nuclear_image" in extra:
+            segmented["nuclei"] = used["nuclei"]
+        if "cells" not in labels and used["cells"] is not None:
+            segmented["cells"] = used["cells"]
+        out.append(_Plane(index, plane.image.shape, table, cell_rows, segmented))
+    return out
+
+
+def _merged_table(planes: list[_Plane]) -> dict[str, list]:
+    """The spot tables of an image's planes as one: ``t`` and ``c`` columns first when
+    the image has those axes."""
+    keys = [k for k in PLANE_COLUMNS if any(k in p.index for p in planes)]
+    names = list(planes[0].table)
+    out: dict[str, list] = {}
+    for k in keys:
+        out[k] = [p.index.get(k) for p in planes for _ in range(len(p.table["y"]))]
+    for name in names:
+        out[name] = [v for p in planes for v in p.table[name]]
+    return out
 
 
 def _mask_files(spec: str, kind: str) -> tuple[list[Path], str | None, str, bool]:
@@ -404,15 +452,16 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
 
     from tqdm import tqdm
 
-    columns = SUMMARY_COLUMNS + (SUMMARY_CELL_COLUMNS if cells_mode else [])
     cell_columns = ["image", *CELL_COLUMNS]
-    rows: dict[int, dict] = {}  # input index -> summary row; written in input order
-    cells_text: dict[int, str] = {}
+    # input index -> the image's summary rows (one per time point / channel) and cell
+    # rows; written in input order
+    rows: dict[int, list[dict]] = {}
+    cell_rows: dict[int, list[dict]] = {}
     jobs = []
     for i, path in enumerate(images):
         done = state.done(names[path], targets[path]) if resume else None
         if done is not None:
-            rows[i], cells_text[i] = done["row"], done["cells_text"]
+            rows[i], cell_rows[i] = done["rows"], done["cell_rows"]
             continue
         where = tuple(
             (kind, isinstance(found[path], Path), str(found[path])) for kind, found in masks.items()
@@ -434,16 +483,27 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         )
     state.start(record, keep=resume)
 
+    def present(names, table_rows):
+        return [k for k in names if any(r.get(k) is not None for r in table_rows)]
+
     def write_tables():  # rewritten after each image: an interrupted run keeps them
+        # The same columns for every row: the optional ones when any row has them.
         order = sorted(rows)
+        summary = [r for i in order for r in rows[i]]
         if summary_path is not None:
-            atomic_write_text(summary_path, table_text(_columns([rows[i] for i in order], columns)))
+            columns = (
+                SUMMARY_COLUMNS
+                + present(PLANE_COLUMNS + SUMMARY_3D_COLUMNS, summary)
+                + (SUMMARY_CELL_COLUMNS if cells_mode else [])
+            )
+            atomic_write_text(summary_path, table_text(_columns(summary, columns)))
         if cells_path is not None:
-            text = table_text(_columns([], cell_columns))
-            atomic_write_text(cells_path, text + "".join(cells_text[i] for i in order))
+            cells = [r for i in order for r in cell_rows[i]]
+            columns = cell_columns[:1] + present(PLANE_COLUMNS, cells) + cell_columns[1:]
+            atomic_write_text(cells_path, table_text(_columns(cells, columns)))
 
     t0 = time.time()
-    n_total = sum(r["n_spots"] for r in rows.values())
+    n_total = sum(r["n_spots"] for rs in rows.values() for r in rs)
     n_new = 0
     bar = tqdm(
         total=len(images),
@@ -482,7 +542,7 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
                         written.append(out_dir / "masks" / f"{names[path]}.{kind}.tif")
                         _write_labels(written[-1], result.segmented[kind])
             state.finish(result, written)
-            rows[result.index], cells_text[result.index] = result.row, result.cells_text
+            rows[result.index], cell_rows[result.index] = result.rows, result.cell_rows
             n_total += result.n_spots
             n_new += 1
             write_tables()
@@ -512,7 +572,7 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
 
 
 def _columns(rows: list[dict], names: list[str] = SUMMARY_COLUMNS) -> dict[str, list]:
-    return {k: [r[k] for r in rows] for k in names}
+    return {k: [r.get(k) for r in rows] for k in names}
 
 
 def cmd_detect(args) -> int:
@@ -719,6 +779,20 @@ def _score_line(name, s) -> str:
 # --------------------------------------------------------------------------- parser
 
 
+def _voxel_size(text: str) -> tuple[float, ...]:
+    """``--voxel-size 0.3,0.1,0.1`` (Z,Y,X) or ``0.1,0.1`` (Y,X), in micrometres."""
+    parts = [t for t in text.replace("x", ",").replace(" ", ",").split(",") if t]
+    try:
+        values = tuple(float(t) for t in parts)
+    except ValueError:
+        values = ()
+    if len(values) not in (2, 3) or not all(np.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give 3 (Z,Y,X) or 2 (Y,X) positive sizes in micrometres, e.g. 0.3,0.1,0.1"
+        )
+    return values
+
+
 def _detection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "inputs",
@@ -742,12 +816,27 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
         "--channel",
         type=int,
         default=None,
-        help="channel of the spots in multi-channel images (0-based)",
+        help="channel of the spots in multi-channel images (0-based; default: every "
+        "channel separately, with a c column)",
     )
     p.add_argument(
         "--axes",
         default=None,
-        help="axes of the file, overriding its metadata, e.g. YX, ZYX, YXC, CYX",
+        help="axes of the file, overriding its metadata: letters T, C, Z, Y, X, e.g. ZYX, "
+        "YXZ, CYX, YXC, ZCYX, TZCYX (see the README on input axes)",
+    )
+    p.add_argument(
+        "--project",
+        action="store_true",
+        help="max-project z-stacks and detect in 2D (default: 3D detection in z-stacks)",
+    )
+    p.add_argument(
+        "--voxel-size",
+        type=_voxel_size,
+        default=None,
+        metavar="Z,Y,X",
+        help="pixel size in micrometres, Z,Y,X (or Y,X for 2D images), overriding the "
+        "file's ImageJ/OME calibration",
     )
     p.add_argument(
         "--scale",

@@ -514,14 +514,21 @@ class Spots:
         return len(self.coords)
 
     @classmethod
-    def empty(cls) -> Spots:
+    def empty(cls, ndim: int = 2) -> Spots:
+        if ndim == 3:
+            from .detect3d import empty_spots_3d
+
+            return empty_spots_3d()
         z = np.zeros(0)
         return cls(np.zeros((0, 2)), z, z.copy(), z.copy())
 
     def columns(self) -> dict[str, np.ndarray]:
-        cols = {
-            "y": self.coords[:, 0],
-            "x": self.coords[:, 1],
+        """``y,x,score,intensity,background`` (2D) or ``z,y,x,score,...`` (3D), then
+        the extra columns."""
+        cols = {"z": self.coords[:, 0]} if self.coords.shape[1] == 3 else {}
+        cols |= {
+            "y": self.coords[:, -2],
+            "x": self.coords[:, -1],
             "score": self.score,
             "intensity": self.intensity,
             "background": self.background,
@@ -617,31 +624,17 @@ def in_box(coords: np.ndarray, box) -> np.ndarray:
     )
 
 
-def subset(spots: Spots, keep: np.ndarray, offset=(0.0, 0.0)) -> Spots:
-    """The spots where ``keep``, their coordinates shifted by ``offset``."""
+def subset(spots: Spots, keep: np.ndarray, offset=None) -> Spots:
+    """The spots where ``keep``, their coordinates shifted by ``offset`` (if given)."""
     extra = {k: np.asarray(v)[keep] for k, v in spots.extra.items()}
+    shift = 0.0 if offset is None else np.asarray(offset, dtype=float)
     return Spots(
-        spots.coords[keep] + np.asarray(offset, dtype=float),
+        spots.coords[keep] + shift,
         spots.score[keep],
         spots.intensity[keep],
         spots.background[keep],
         extra,
     )
-
-
-def _detect_plane(work, net, norm, threshold, tile_size, progress):
-    """Coordinates and scores of the spots of a (rescaled) plane, tile by tile."""
-    all_coords, all_scores = [], []
-    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, net, norm, tile_size, progress):
-        # Decode a window 2 px larger than the core (voting and NMS look 2 px out).
-        win = out[:, py - 2 : py + ch + 2, px - 2 : px + cw + 2]
-        coords, scores, pix = decode(win[0], win[1:], threshold)
-        core = (pix[:, 0] >= 2) & (pix[:, 0] < ch + 2) & (pix[:, 1] >= 2) & (pix[:, 1] < cw + 2)
-        all_coords.append(coords[core] + np.array([y0 - 2, x0 - 2]))
-        all_scores.append(scores[core])
-    coords = np.concatenate(all_coords) if all_coords else np.zeros((0, 2))
-    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
-    return coords, scores
 
 
 def detect(
@@ -654,12 +647,19 @@ def detect(
     name: str = "image",
     min_snr: float | None = None,
     roi=None,
+    *,
+    spacing=None,
+    z_block: int | None = None,
+    z_range=None,
+    min_planes: int | None = None,
 ) -> Spots:
-    """Find the spots of a 2D image.
+    """Find the spots of a 2D image or a 3D volume.
 
     Parameters
     ----------
-    image : 2D array (Y, X), any real dtype; non-finite pixels are ignored.
+    image : 2D array (Y, X) or 3D (Z, Y, X), any real dtype; non-finite pixels are
+        ignored. A volume may be any array-like with ``.shape``, ``.dtype`` and plane
+        indexing ``vol[z]`` (a zarr array, a memmap): it is read plane by plane.
     model : a :class:`piscis.io.LoadedModel`, a model name or folder; None
         for the default model shipped with the package.
     threshold : probability threshold; None for the model's own.
@@ -670,14 +670,25 @@ def detect(
     name : how log messages name the image (a file name, say).
     min_snr : significance floor: spots whose matched-filter signal-to-noise
         ratio (:func:`spot_significance`) is below it are dropped; None for
-        the model's own (0: none).
-    roi : (y0, x0, height, width), optional
+        the model's own (0: none). In 3D it is measured in the spot's best plane.
+    roi : (y0, x0, height, width), optional; in 3D a (y, x) rectangle of every plane
         Only the spots whose rounded pixel lies in this rectangle, clipped to
         the image (it may start before it or reach past it; an empty one is a
         ValueError). Coordinates stay in the whole image's frame. The network
         sees the ROI's surroundings and the normalisation comes from the whole
         image, so at scale 1 these are exactly the whole image's spots inside
         the ROI, at the cost of the ROI only.
+    spacing : 3D only: voxel size (z, y, x) in micrometres, or None; gives the
+        ``fwhm_z_um`` and ``fwhm_yx_um`` columns (NaN without it).
+    z_block : 3D only: process the volume in blocks of this many planes (each with
+        :data:`piscis.detect3d.Z_HALO` planes of context); same spots as without.
+    z_range : 3D only: (z0, z1): only the spots whose z lies in planes z0..z1-1
+        (with context planes around them), for processing a volume in parts.
+    min_planes : 3D only: planes a spot must be seen in (default 2; 1 for volumes
+        of fewer than 3 planes).
+
+    3D: see :mod:`piscis.detect3d` (per-plane network, peaks linked along z, split
+    at clear intensity dips, 3D Gaussian fit for z and FWHMs).
 
     Tiles are decoded one at a time and a spot is kept only if its peak
     pixel lies in its tile's core, so memory stays bounded by the tile and
@@ -685,7 +696,9 @@ def detect(
     """
     from .io import load_model
 
-    image = _check_2d(image)
+    ndim = len(image.shape) if hasattr(image, "shape") else np.ndim(image)
+    if ndim != 3:
+        image = _check_2d(image)
     loaded = load_model(model)
     threshold = loaded.threshold if threshold is None else float(threshold)
     scale = loaded.scale if scale is None else float(scale)
@@ -693,7 +706,16 @@ def detect(
         raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
     if not (0.01 <= scale <= 100):
         raise ValueError(f"scale must be between 0.01 and 100, got {scale}")
-    box = None if roi is None else clip_roi(roi, image.shape, name)
+    box = None if roi is None else clip_roi(roi, image.shape[-2:], name)
+    min_snr = loaded.min_snr if min_snr is None else float(min_snr)
+    if ndim == 3:
+        from .detect3d import detect_volume
+
+        spots = detect_volume(
+            image, loaded, threshold, scale, tile_size, progress, name, min_snr,
+            spacing=spacing, z_block=z_block, z_range=z_range, min_planes=min_planes,
+        )  # fmt: skip
+        return spots if box is None else subset(spots, in_box(spots.coords[:, -2:], box))
     norm = model_normalization(image, loaded)
     if norm.n_nonfinite:
         logger.warning(
@@ -704,15 +726,32 @@ def detect(
     if box is not None:
         wy0, wy1, wx0, wx1 = roi_window(box, image.shape, loaded.net)
         plane, origin = image[wy0:wy1, wx0:wx1], np.array([wy0, wx0], dtype=float)
-    work = _rescale(plane, scale)
-    coords, scores = _detect_plane(work, loaded.net, norm, threshold, tile_size, progress)
-    coords, scores = _to_image_frame(coords, scores, scale, plane.shape)
+    coords, scores = _plane_peaks(plane, loaded.net, norm, threshold, scale, tile_size, progress)
     coords = coords + origin
     if box is not None:
         keep = in_box(coords, box)
         coords, scores = coords[keep], scores[keep]
-    min_snr = loaded.min_snr if min_snr is None else float(min_snr)
     return _finish(image, coords, scores, 2.0 / scale, norm.noise, min_snr)
+
+
+def _plane_peaks(image, net, norm, threshold, scale, tile_size, progress=None):
+    """Spots of one 2D plane in the image's frame: (coords (N, 2), scores (N,)).
+
+    Tiles are decoded one at a time and a spot is kept only if its peak pixel
+    lies in its tile's core, so the result does not depend on ``tile_size``.
+    """
+    work = _rescale(image, scale)
+    all_coords, all_scores = [], []
+    for y0, x0, ch, cw, out, (py, px) in iter_tile_maps(work, net, norm, tile_size, progress):
+        # Decode a window 2 px larger than the core (voting and NMS look 2 px out).
+        win = out[:, py - 2 : py + ch + 2, px - 2 : px + cw + 2]
+        coords, scores, pix = decode(win[0], win[1:], threshold)
+        core = (pix[:, 0] >= 2) & (pix[:, 0] < ch + 2) & (pix[:, 1] >= 2) & (pix[:, 1] < cw + 2)
+        all_coords.append(coords[core] + np.array([y0 - 2, x0 - 2]))
+        all_scores.append(scores[core])
+    coords = np.concatenate(all_coords) if all_coords else np.zeros((0, 2))
+    scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
+    return _to_image_frame(coords, scores, scale, image.shape)
 
 
 def _check_2d(image) -> np.ndarray:
@@ -720,7 +759,9 @@ def _check_2d(image) -> np.ndarray:
     if image.dtype.kind not in "uif":
         raise TypeError(f"image dtype {image.dtype} is not supported: give integer or float pixels")
     if image.ndim != 2:
-        raise ValueError(f"detect takes a 2D (Y, X) image, got shape {image.shape}")
+        raise ValueError(
+            f"detect takes a 2D (Y, X) image or a 3D (Z, Y, X) volume, got shape {image.shape}"
+        )
     if image.size == 0:
         raise ValueError(f"image has a zero-size axis: shape {image.shape}")
     if image.dtype.byteorder not in "=|":

@@ -243,35 +243,490 @@ def _is_number(s: str) -> bool:
 
 # --------------------------------------------------------------------------- images
 
+# Axes rules (README "Input formats and axes"):
+# - the letters are T (time), C (channel; RGB samples too), Z, Y, X;
+# - they come from --axes, else the file's metadata (ImageJ, OME, tifffile's own JSON);
+# - singleton axes other than Y and X are dropped;
+# - an axis the file does not name (a plain multi-page TIFF) is Z, or C with --channel
+#   when it is short (MAX_GUESSED_CHANNELS at most); a 3D array whose last axis is 3 or 4
+#   long is YXC; one whose last axis is otherwise much shorter than the other two is
+#   refused (it looks like YXZ, see --axes);
+# - every file's axes are logged (info).
+
+SUPPORTED_AXES = "TCZYX"
+SUPPORTED_ORDERS = "YX, ZYX, CYX, YXC, ZCYX, CZYX, ZYXC, TZYX, TCZYX, TZCYX"
+MAX_GUESSED_CHANNELS = 8  # longest axis taken as channels when the file does not say
+_UNKNOWN = "QI"  # tifffile's letters for an axis the file does not name
+_UNITS_UM = {
+    "um": 1.0,
+    "µm": 1.0,
+    "μm": 1.0,
+    "micron": 1.0,
+    "microns": 1.0,
+    "micrometer": 1.0,
+    "micrometre": 1.0,
+    "\\u00b5m": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+    "å": 1e-4,
+    "angstrom": 1e-4,
+}
+
 
 @dataclass
 class ImageData:
-    """A 2D image ready for detection, with what was inferred on the way."""
+    """An image ready for detection, with what was inferred on the way.
+
+    ``image`` is (Y, X) or (Z, Y, X) and ``axes`` is ``"YX"`` or ``"ZYX"``; ``spacing``
+    the physical pixel size in micrometres in the same order, or None when unknown.
+    """
 
     path: Path | None
     image: np.ndarray
     axes: str
     notes: list[str] = field(default_factory=list)
+    spacing: tuple[float, ...] | None = None
+
+
+@dataclass
+class Stack:
+    """A whole file with its axes resolved: ``data`` in the order of ``axes``, a
+    sub-sequence of ``TCZYX``; ``spacing`` maps Z/Y/X to micrometres where known."""
+
+    name: str
+    data: np.ndarray
+    axes: str
+    spacing: dict[str, float]
+    source: str  # where the axes came from, for messages
+
+
+@dataclass
+class _Raw:
+    data: np.ndarray
+    axes: str  # tifffile's letters
+    source: str  # "ImageJ metadata", "OME metadata", ...
+    spacing: dict[str, float]
 
 
 def read_image_2d(path, channel: int | None = None, axes: str | None = None) -> np.ndarray:
-    """Read a file as a 2D image (see :func:`read_image`)."""
-    return read_image(path, channel=channel, axes=axes).image
+    """Read a file as a 2D (Y, X) image, a Z axis max-projected (see :func:`read_image`)."""
+    return read_image(path, channel=channel, axes=axes, project=True).image
 
 
-def read_image(path, channel: int | None = None, axes: str | None = None) -> ImageData:
-    """Read an image file and reduce it to one 2D plane (Y, X).
+def read_image(
+    path,
+    channel: int | None = None,
+    axes: str | None = None,
+    project: bool = False,
+    voxel_size=None,
+) -> ImageData:
+    """Read an image file as one (Y, X) or (Z, Y, X) image.
 
-    TIFF (ImageJ and OME axes from the metadata) and PNG. Grey, RGB and
-    RGBA: equal channels are grey, otherwise ``channel`` picks one. A ``Z``
-    axis is max-projected with a warning. ``axes`` (e.g. ``"ZYX"``,
-    ``"YXC"``) overrides the metadata.
+    Parameters
+    ----------
+    path : str or Path
+        TIFF (ImageJ, OME, tifffile or plain) or PNG.
+    channel : int, optional
+        The channel to read from a multi-channel file (0-based; RGB samples are channels).
+        Without it equal channels are read as grey (with a warning) and different ones
+        are refused: :func:`read_planes` gives each channel.
+    axes : str, optional
+        The file's axes (e.g. ``"ZYX"``, ``"YXZ"``, ``"ZCYX"``, ``"YXC"``), overriding its
+        metadata; letters T, C (or S), Z, Y, X, case-insensitive.
+    project : bool
+        Max-project a Z axis (an info line says so); the result is then (Y, X).
+    voxel_size : sequence of float, optional
+        ``(z, y, x)`` or ``(y, x)`` pixel size in micrometres, overriding the file's.
+
+    Raises
+    ------
+    InputError
+        Naming the file and the problem (axis, dtype, channel...) and what to pass.
+    """
+    stack = read_stack(path, axes=axes, channel_hint=channel is not None)
+    planes = _split(stack, channel, project, voxel_size, every_channel=False)
+    if len(planes) > 1:
+        t = stack.data.shape[stack.axes.index("T")]
+        raise InputError(
+            f"{stack.name}: {t} time points (axes {stack.axes}); read_image reads one image: "
+            "use read_planes (the CLI handles each time point)"
+        )
+    return planes[0][1]
+
+
+def read_planes(
+    path,
+    channel: int | None = None,
+    axes: str | None = None,
+    project: bool = False,
+    voxel_size=None,
+) -> list[tuple[dict, ImageData]]:
+    """Read a file as one image per time point and channel.
+
+    Returns a list of ``(index, ImageData)``: ``index`` holds the positions on the T and
+    C axes the file has (``{"t": 0, "c": 1}``; ``{}`` for a plain 2D or 3D image), each
+    image (Y, X) or (Z, Y, X). Without ``channel`` every channel is its own entry (equal
+    channels, e.g. a grey RGB file, are one grey image, with a warning); with it only
+    that channel. Other parameters as for :func:`read_image`.
+    """
+    stack = read_stack(path, axes=axes, channel_hint=channel is not None)
+    return _split(stack, channel, project, voxel_size, every_channel=True)
+
+
+def read_stack(path, axes: str | None = None, channel_hint: bool = False) -> Stack:
+    """Read a whole file with its axes resolved to a sub-sequence of ``TCZYX``.
+
+    ``channel_hint``: a channel will be picked, so an axis the file does not name that
+    is short (at most :data:`MAX_GUESSED_CHANNELS`) is read as channels, not as Z.
     """
     path = Path(path)
-    data, meta_axes = _read_array(path)
-    return to_plane(
-        data, axes or meta_axes, channel=channel, name=str(path), explicit=axes is not None
-    )
+    raw = _read_raw(path)
+    return resolve_axes(raw.data, raw.axes, str(path), axes, channel_hint, raw)
+
+
+def to_plane(
+    data: np.ndarray,
+    axes: str,
+    channel: int | None = None,
+    name: str = "image",
+    explicit: bool = False,
+) -> ImageData:
+    """Reduce an array with an axes string to a 2D (Y, X) plane (a Z axis max-projected)."""
+    data = _check_pixels(np.asarray(data), name)
+    hint = channel is not None
+    if explicit:
+        stack = resolve_axes(data, "", name, axes=axes, channel_hint=hint)
+    else:
+        raw = _Raw(data, axes or "", "the caller's axes", {})
+        stack = resolve_axes(data, axes or "", name, channel_hint=hint, raw=raw)
+    planes = _split(stack, channel, True, None, every_channel=False)
+    if len(planes) > 1:
+        raise InputError(f"{name}: axes {stack.axes} hold several images; pick one first")
+    return planes[0][1]
+
+
+def resolve_axes(
+    data: np.ndarray,
+    file_axes: str,
+    name: str,
+    axes: str | None = None,
+    channel_hint: bool = False,
+    raw: _Raw | None = None,
+) -> Stack:
+    """Give every axis of ``data`` a letter of ``TCZYX`` and put them in that order."""
+    data = _check_pixels(np.asarray(data), name)
+    spacing = dict(raw.spacing) if raw is not None else {}
+    if axes is not None:
+        letters, source = _parse_axes(axes, name), "--axes"
+        if len(letters) != data.ndim:
+            solid = [n for n in data.shape if n != 1]
+            if len(letters) == len(solid):  # --axes names the non-singleton axes only
+                data = data.reshape(solid)
+            else:
+                raise InputError(
+                    f"{name}: --axes {axes.upper()!r} has {len(letters)} letters but the "
+                    f"image has {data.ndim} dimensions, shape {data.shape}"
+                )
+    else:
+        letters = (file_axes or "").upper()
+        source = raw.source if raw is not None else "metadata"
+        if len(letters) != data.ndim:
+            letters = ""
+        if not letters:
+            letters = "YX" if data.ndim == 2 else "Q" * (data.ndim - 2) + "YX"
+            source = "no metadata"
+        letters = letters.replace("S", "C")
+    # Singleton axes other than Y and X go, by position (a letter can repeat: 'QQYX').
+    keep = [i for i, a in enumerate(letters) if a in "YX" or data.shape[i] != 1]
+    if len(keep) != data.ndim:
+        data = data.reshape([data.shape[i] for i in keep])
+        letters = "".join(letters[i] for i in keep)
+    if any(a in _UNKNOWN for a in letters):
+        letters, source = _guess_unknown(data.shape, letters, name, channel_hint, source)
+    bad = [a for a in letters if a not in SUPPORTED_AXES]
+    if bad:
+        i = letters.index(bad[0])
+        raise InputError(
+            f"{name}: axis {bad[0]!r} of size {data.shape[i]} (shape {data.shape}, axes "
+            f"{letters}, from {source}) is not supported; pass --axes with the letters "
+            f"T, C, Z, Y, X, e.g. one of {SUPPORTED_ORDERS}"
+        )
+    if "Y" not in letters or "X" not in letters or len(set(letters)) != len(letters):
+        raise InputError(
+            f"{name}: cannot find one Y and one X axis in shape {data.shape} (axes "
+            f"{letters!r}, from {source}); pass --axes, one of {SUPPORTED_ORDERS}"
+        )
+    if axes is None:
+        _warn_mislabelled(data.shape, letters, name, source)
+    order = [letters.index(a) for a in SUPPORTED_AXES if a in letters]
+    if order != sorted(order):
+        data = np.transpose(data, order)
+    axes_out = "".join(letters[i] for i in order)
+    logger.info("%s: axes %s, shape %s (%s)", name, axes_out, tuple(data.shape), source)
+    if data.dtype.byteorder not in "=|":  # '<' on a little-endian machine: relabel only
+        native = data.dtype.newbyteorder("=")
+        data = data.view(native) if data.dtype.isnative else data.astype(native)
+    return Stack(name, data, axes_out, spacing, source)
+
+
+def _parse_axes(axes: str, name: str) -> str:
+    letters = str(axes).strip().upper().replace("S", "C")
+    bad = sorted({a for a in letters if a not in SUPPORTED_AXES})
+    if bad or not letters:
+        raise InputError(
+            f"{name}: --axes {axes!r}: unknown letter(s) {', '.join(bad) or '(none given)'}; "
+            f"use T, C, Z, Y, X, e.g. one of {SUPPORTED_ORDERS}"
+        )
+    return letters
+
+
+def _guess_unknown(shape, letters: str, name: str, channel_hint: bool, source: str):
+    """Letters for the axes the file does not name (the documented defaults)."""
+    unknown = [i for i, a in enumerate(letters) if a in _UNKNOWN]
+    shape = tuple(shape)
+    if len(unknown) > 1:
+        raise InputError(
+            f"{name}: the file does not name its axes and shape {shape} has "
+            f"{len(unknown)} of them besides Y and X; pass --axes, e.g. ZCYX, CZYX or TZYX"
+        )
+    (i,) = unknown
+    n = shape[i]
+    others = [s for j, s in enumerate(shape) if j != i]
+    out, why = None, ""
+    if channel_hint and n <= MAX_GUESSED_CHANNELS and n < min(others):
+        out, why = letters[:i] + "C" + letters[i + 1 :], "a channel was asked for"
+    elif len(shape) == 3 and letters in ("QYX", "IYX"):
+        # tifffile's pages of (Y, X): a small "X" is more likely a Z or channel axis last.
+        first, y, last = shape
+        if last in (3, 4) and min(first, y) > 4:
+            out, why = "YXC", "a last axis of 3 or 4 is colour channels"
+        elif channel_hint and last <= MAX_GUESSED_CHANNELS and last < min(first, y):
+            out, why = "YXC", "a channel was asked for"
+        elif last * 4 <= min(first, y):
+            raise InputError(
+                f"{name}: last axis of size {last} looks like Z (shape {shape}, no axes in "
+                f"the file); pass --axes YXZ (or --axes YXC if it holds channels)"
+            )
+    if out is None:
+        out = letters[:i] + "Z" + letters[i + 1 :]
+        why = "the pages of a multi-page TIFF are z-planes"
+        if n <= MAX_GUESSED_CHANNELS and n < min(others):
+            fix = letters[:i] + "C" + letters[i + 1 :]
+            logger.warning(
+                "%s: %d unnamed planes (shape %s) read as z-planes; if they are channels "
+                "pass --axes %s or --channel N",
+                name,
+                n,
+                shape,
+                fix,
+            )
+    return out, f"the file does not name its axes, read as {out}: {why}; see --axes"
+
+
+def _warn_mislabelled(shape, letters: str, name: str, source: str) -> None:
+    """A stack the metadata calls channels or frames may be a mislabelled z-stack."""
+    if "Z" in letters:
+        return
+    for a, what in (("C", "channels"), ("T", "time points")):
+        if a in letters and shape[letters.index(a)] > MAX_GUESSED_CHANNELS:
+            n = shape[letters.index(a)]
+            fixed = letters.replace(a, "Z")
+            logger.warning(
+                "%s: %d %s and no Z axis (axes %s, from %s); each is processed as its own "
+                "2D image. If this is a z-stack pass --axes %s",
+                name,
+                n,
+                what,
+                letters,
+                source,
+                fixed,
+            )
+
+
+def _split(stack: Stack, channel, project: bool, voxel_size, every_channel: bool):
+    """One ImageData per time point and channel of a resolved stack."""
+    name, data, axes = stack.name, stack.data, stack.axes
+    notes: list[str] = []
+    index_c: list[int | None] = [None]
+    if "C" in axes:
+        ci = axes.index("C")
+        n_c = data.shape[ci]
+        if channel is not None:
+            if not (-n_c <= channel < n_c):
+                raise InputError(
+                    f"{name}: --channel {channel} out of range; the image has {n_c} channels "
+                    f"(axes {axes})"
+                )
+            index_c = [channel % n_c]
+        else:
+            n_keep = n_c
+            if n_c == 4 and _is_alpha(data.take(3, axis=ci)):
+                n_keep = 3  # RGBA with an opaque alpha: the colour channels
+            first = data.take(0, axis=ci)
+            if all(np.array_equal(first, data.take(k, axis=ci)) for k in range(1, n_keep)):
+                note = f"{n_keep} equal channels read as one grey image"
+                logger.warning("%s: %s (pass --channel to pick one)", name, note)
+                notes.append(note)
+                data = np.expand_dims(first, ci)
+                index_c = [None]
+            elif every_channel:
+                index_c = list(range(n_keep))
+            else:
+                raise InputError(
+                    f"{name}: {n_c} different channels (shape {data.shape}, axes {axes}); "
+                    "choose one with --channel N (without it the CLI detects every channel "
+                    "separately)"
+                )
+    elif channel not in (None, 0):
+        raise InputError(
+            f"{name}: --channel {channel} given but the image has no channel axis (axes "
+            f"{axes}); pass --axes if the file holds channels, e.g. CYX or ZCYX"
+        )
+    n_t = data.shape[axes.index("T")] if "T" in axes else 1
+    spacing = _spacing(stack, voxel_size, project)
+    out = []
+    for t in range(n_t):
+        for c in index_c:
+            arr, rest = data, axes
+            index = {}
+            if "T" in rest:
+                arr = arr.take(t, axis=rest.index("T"))
+                rest = rest.replace("T", "")
+                index["t"] = t
+            if "C" in rest:
+                arr = arr.take(0 if c is None else c, axis=rest.index("C"))
+                rest = rest.replace("C", "")
+                if c is not None:
+                    index["c"] = c
+            plane_notes = list(notes)
+            if "Z" in rest and project:
+                note = f"{arr.shape[0]} z-planes max-projected (--project)"
+                if t == 0 and c == index_c[0]:
+                    logger.info("%s: %s", name, note)
+                plane_notes.append(note)
+                arr = arr.max(axis=0)
+                rest = "YX"
+            if arr.dtype.kind == "f" and not np.isfinite(arr).any():
+                plane_notes.append("every pixel is NaN or infinite")
+            image = ImageData(
+                Path(name) if name else None, np.ascontiguousarray(arr), rest, plane_notes, spacing
+            )
+            out.append((index, image))
+    return out
+
+
+def _spacing(stack: Stack, voxel_size, project: bool):
+    """(z, y, x) or (y, x) micrometres of the output images, or None when unknown."""
+    spatial = "YX" if project or "Z" not in stack.axes else "ZYX"
+    if voxel_size is not None:
+        vs = tuple(float(v) for v in voxel_size)
+        if len(vs) == 3 and spatial == "YX":
+            vs = vs[1:]
+        if len(vs) != len(spatial) or not all(np.isfinite(v) and v > 0 for v in vs):
+            raise InputError(
+                f"{stack.name}: --voxel-size {','.join(str(v) for v in voxel_size)} does not "
+                f"fit a {spatial} image; give {'Z,Y,X' if spatial == 'ZYX' else 'Y,X'} "
+                "positive sizes in micrometres"
+            )
+        return vs
+    known = stack.spacing
+    if all(a in known for a in spatial):
+        return tuple(float(known[a]) for a in spatial)
+    return None
+
+
+def _check_pixels(data: np.ndarray, name: str) -> np.ndarray:
+    if data.dtype.kind not in "uif":
+        what = {"b": "boolean", "c": "complex"}.get(data.dtype.kind, "non-numeric")
+        raise InputError(
+            f"{name}: pixel type {data.dtype} ({what}) is not supported; expected integer or "
+            "float pixels (convert the image, e.g. to uint16 or float32)"
+        )
+    if data.size == 0:
+        raise InputError(f"{name}: image has a zero-size axis, shape {data.shape}")
+    return data
+
+
+def read_channels(
+    path, channels, axes: str | None = None, project: bool = False, voxel_size=None
+) -> list[ImageData]:
+    """Read a multi-channel file once and return one image per requested channel.
+
+    Parameters
+    ----------
+    path : str or Path
+        TIFF or PNG file, as for :func:`read_image`.
+    channels : sequence of int or None
+        0-based channel indices, e.g. ``[spot_channel, nuclear_channel]``. ``None`` takes
+        the image as :func:`read_image` does without ``channel`` (equal channels are grey,
+        different ones are refused). The same index twice is read once.
+    axes : str, optional
+        Axes of the file (``"CYX"``, ``"YXC"``, ``"ZCYX"``...), overriding its metadata.
+    project : bool
+        Max-project a Z axis.
+    voxel_size : sequence of float, optional
+        As for :func:`read_image`.
+
+    Returns
+    -------
+    planes : list of ImageData
+        One per entry of ``channels``, in that order; each (Y, X) or (Z, Y, X).
+
+    Raises
+    ------
+    InputError
+        Naming the file: unreadable, a channel out of range, no channel axis, time
+        points, ...
+
+    Notes
+    -----
+    The channel axis comes from ``axes``, else from the file's metadata (ImageJ, OME,
+    tifffile's own; RGB samples count as channels). An axis the file does not name is
+    read as channels when a channel is asked for and it is at most
+    :data:`MAX_GUESSED_CHANNELS` long and shorter than Y and X (CYX); a 3D file whose last
+    axis is 3 or 4 long is YXC; an info message says so. Otherwise pass ``axes``.
+    """
+    hint = any(c is not None for c in channels)
+    stack = read_stack(path, axes=axes, channel_hint=hint)
+    if "T" in stack.axes:
+        raise InputError(
+            f"{stack.name}: {stack.data.shape[0]} time points (axes {stack.axes}) with "
+            "channels for nuclei or cytoplasm are not supported; split the time points"
+        )
+    planes: dict = {}
+    for c in channels:
+        if c not in planes:
+            planes[c] = _split(stack, c, project, voxel_size, every_channel=False)[0][1]
+    return [planes[c] for c in channels]
+
+
+def _read_raw(path: Path) -> _Raw:
+    """The whole array of a TIFF or PNG file, the axes its metadata gives, pixel sizes."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)")
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        data, axes = _read_png(path)
+        raw = _Raw(data, axes, "PNG", {})
+    elif suffix in {".tif", ".tiff", ".btf", ".tf8"}:
+        raw = _read_tiff(path)
+    else:
+        raise InputError(f"{path}: unsupported file type {path.suffix!r}; expected TIFF or PNG")
+    raw.data = _check_pixels(np.asarray(raw.data), str(path))
+    return raw
+
+
+def _read_array(path: Path) -> tuple[np.ndarray, str]:
+    """The whole array of a TIFF or PNG file and the axes its metadata gives."""
+    raw = _read_raw(Path(path))
+    return raw.data, raw.axes
 
 
 MEMORY_ENV = "PISCIS_MAX_IMAGE_BYTES"  # overrides the memory guard's limit, in bytes
@@ -376,30 +831,51 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage().splitlines()[0] if record.msg else "")
 
 
-def _read_tiff(path: Path):
+def _read_tiff(path: Path) -> _Raw:
     tiff_log = logging.getLogger("tifffile")
     collect = _Collect()
-    saved = tiff_log.propagate
+    # A handler of our own keeps tifffile's warnings off stderr (no last-resort print).
     tiff_log.addHandler(collect)
-    tiff_log.propagate = False
     try:
         return _read_tiff_quietly(path)
     finally:
         tiff_log.removeHandler(collect)
-        tiff_log.propagate = saved
         for msg in dict.fromkeys(collect.messages):  # tifffile's notes on bad tags
             logger.debug("%s: tifffile: %s", path, msg)
 
 
-def _read_tiff_quietly(path: Path):
+def _read_tiff_quietly(path: Path) -> _Raw:
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             axes = series.axes
-            check_memory(path, series.shape, series.dtype)
-            data = series.asarray()
+            if len(tif.series) > 1:
+                logger.warning(
+                    "%s: %d image series in the file; only the first (shape %s) is read",
+                    path,
+                    len(tif.series),
+                    tuple(series.shape),
+                )
+            data = _mapped(tif, series, path) if series.nbytes >= MEMMAP_BYTES else None
+            if data is None:
+                check_memory(path, series.shape, series.dtype)
+                data = series.asarray()
+            kind = str(getattr(series, "kind", "")).lower()
+            spacing: dict[str, float] = {}
+            if tif.is_imagej:
+                source = "ImageJ metadata"
+                spacing = _imagej_spacing(tif)
+            elif tif.is_ome:
+                source = "OME metadata"
+                spacing = _ome_spacing(tif.ome_metadata)
+            elif kind == "shaped" and tif.shaped_metadata and "axes" in tif.shaped_metadata[0]:
+                source = "tifffile metadata"
+            elif "S" in axes:
+                source = "TIFF colour samples"
+            else:
+                source = "no metadata"
     except InputError:
         raise
     except MemoryError:
@@ -419,208 +895,85 @@ def _read_tiff_quietly(path: Path):
                 "'imagecodecs' package (pip install imagecodecs)"
             ) from None
         raise InputError(f"{path}: not a readable TIFF ({msg})") from None
-    return np.asarray(data), axes
+    return _Raw(np.asarray(data), axes, source, spacing)
 
 
-def to_plane(
-    data: np.ndarray,
-    axes: str,
-    channel: int | None = None,
-    name: str = "image",
-    explicit: bool = False,
-) -> ImageData:
-    """Reduce an array with an axes string to a 2D (Y, X) plane."""
-    notes: list[str] = []
-    data = np.asarray(data)
-    if data.dtype.kind == "b" or data.dtype.kind == "c" or data.dtype.kind not in "uif":
-        raise InputError(
-            f"{name}: pixel type {data.dtype} is not supported; expected integer or float pixels"
-        )
-    if data.size == 0:
-        raise InputError(f"{name}: image has a zero-size axis, shape {data.shape}")
-    axes = (axes or "").upper().replace("S", "C")
-    if len(axes) != data.ndim:
-        if explicit:
-            raise InputError(
-                f"{name}: --axes {axes!r} has {len(axes)} letters but the image has "
-                f"{data.ndim} dimensions, shape {data.shape}"
-            )
-        axes = _guess_axes(data.shape)
-    # Drop singleton axes other than Y and X (tifffile's Q/I/T of size 1...), by position:
-    # a letter can repeat (a guessed 'QQYX').
-    keep = [i for i, a in enumerate(axes) if a in "YX" or data.shape[i] != 1]
-    if len(keep) != data.ndim:
-        data = data.reshape([data.shape[i] for i in keep])
-        axes = "".join(axes[i] for i in keep)
-    # Unknown axes (Q, I): with --channel and no channel axis, the first short
-    # one (at most 8) is the channel axis; otherwise a plain multi-page TIFF is
-    # a Z stack.
-    if channel is not None and "C" not in axes:
-        for i, a in enumerate(axes):
-            if a in "QI" and data.shape[i] <= 8:
-                axes = axes[:i] + "C" + axes[i + 1 :]
-                logger.info(
-                    "%s: axis %d of size %d read as channels (--channel given)",
-                    name,
-                    i,
-                    data.shape[i],
-                )
-                break
-    axes = "".join("Z" if a in "QI" else a for a in axes)
-    if "Y" not in axes or "X" not in axes or len(set(axes)) != len(axes):
-        raise InputError(
-            f"{name}: cannot find the Y and X axes in shape {data.shape} (axes {axes!r}); "
-            "pass --axes, e.g. --axes ZYX or --axes YXC"
-        )
-    if "C" in axes:
-        ci = axes.index("C")
-        n_c = data.shape[ci]
-        if channel is not None:
-            if not (-n_c <= channel < n_c):
-                raise InputError(
-                    f"{name}: --channel {channel} out of range; the image has {n_c} channels"
-                )
-            data = data.take(channel, axis=ci)
-        else:
-            planes = np.moveaxis(data, ci, 0)
-            if n_c == 4 and _is_alpha(planes[3]):
-                planes = planes[:3]
-            if all(np.array_equal(planes[0], p) for p in planes[1:]):
-                data = planes[0]
-            else:
-                raise InputError(
-                    f"{name}: {n_c} different channels (shape {data.shape}, axes {axes}); "
-                    "choose one with --channel N"
-                )
-        axes = axes[:ci] + axes[ci + 1 :]
-    elif channel not in (None, 0):
-        raise InputError(f"{name}: --channel {channel} given but the image has no channel axis")
-    for ax in [a for a in axes if a not in "YX"]:
-        i = axes.index(ax)
-        if ax == "Z":
-            notes.append(
-                f"{data.shape[i]} z-planes max-projected (3D detection is not available yet)"
-            )
-            logger.warning("%s: %s", name, notes[-1])
-            data = data.max(axis=i)
-        else:
-            raise InputError(
-                f"{name}: axis {ax!r} of size {data.shape[i]} (shape {data.shape}, axes {axes}) "
-                "is not supported; pass --axes to say what it is (Z, C, Y, X)"
-            )
-        axes = axes[:i] + axes[i + 1 :]
-    if axes == "XY":
-        data = data.T
-    if data.dtype.byteorder not in "=|":
-        data = data.astype(data.dtype.newbyteorder("="))
-    if data.dtype.kind == "f" and not np.isfinite(data).any():
-        notes.append("every pixel is NaN or infinite")
-    return ImageData(Path(name) if name else None, np.ascontiguousarray(data), "YX", notes)
+MEMMAP_BYTES = 1 << 30  # files at least this big are mapped, not read, when they can be
 
 
-MAX_GUESSED_CHANNELS = 8  # longest axis taken as channels when the file does not say
-
-
-def read_channels(path, channels, axes: str | None = None) -> list[ImageData]:
-    """Read a multi-channel file once and return one 2D plane per requested channel.
-
-    Parameters
-    ----------
-    path : str or Path
-        TIFF or PNG file, as for :func:`read_image`.
-    channels : sequence of int or None
-        0-based channel indices, e.g. ``[spot_channel, nuclear_channel]``. ``None`` takes
-        the image as :func:`read_image` does without ``channel`` (equal channels are grey,
-        different ones are refused). The same index twice is reduced once.
-    axes : str, optional
-        Axes of the file (``"CYX"``, ``"YXC"``, ``"ZCYX"``...), overriding its metadata.
-
-    Returns
-    -------
-    planes : list of ImageData
-        One per entry of ``channels``, in that order; each (Y, X), a Z axis max-projected
-        (warned once per file).
-
-    Raises
-    ------
-    InputError
-        Naming the file: unreadable, a channel out of range, no channel axis, ...
-
-    Notes
-    -----
-    The channel axis comes from ``axes``, else from the file's metadata (ImageJ, OME,
-    tifffile's own; RGB samples count as channels). A 3D file whose metadata does not
-    name its axes (tifffile reports ``QYX``) is read as CYX when its first axis is the
-    shortest and at most :data:`MAX_GUESSED_CHANNELS` long, or as YXC when its last one
-    is; an info message says so. Otherwise pass ``axes``.
-    """
-    path = Path(path)
-    data, meta_axes = _read_array(path)
-    explicit = axes is not None
-    use = axes if explicit else meta_axes
-    if not explicit and any(c is not None for c in channels):
-        use = _guess_channel_axes(data.shape, use, str(path))
-    planes: dict = {}
-    quiet = _DropWarnings()
+def _mapped(tif, series, path: Path):
+    """The series as a read-only memory map of the file (uncompressed, contiguous, in
+    the machine's byte order), so a large z-stack is read plane by plane by the
+    detector; None when the file cannot be mapped so."""
+    dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
+    if getattr(series, "dataoffset", None) is None or not dtype.isnative:
+        return None
+    dtype = dtype.newbyteorder("=")
     try:
-        for c in channels:
-            if c not in planes:
-                planes[c] = to_plane(data, use, channel=c, name=str(path), explicit=explicit)
-                logger.addFilter(quiet)  # the z-projection warning: once per file
-    finally:
-        logger.removeFilter(quiet)
-    return [planes[c] for c in channels]
+        data = np.memmap(
+            path, dtype=dtype, mode="r", offset=series.dataoffset, shape=tuple(series.shape)
+        )
+    except (ValueError, OSError):
+        return None
+    logger.debug("%s: memory-mapped (%d bytes)", path, series.nbytes)
+    return data
 
 
-class _DropWarnings(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno != logging.WARNING
+def _unit_um(unit) -> float | None:
+    if unit is None:
+        return None
+    u = str(unit).strip().lower()
+    return _UNITS_UM.get(u)
 
 
-def _read_array(path: Path) -> tuple[np.ndarray, str]:
-    """The whole array of a TIFF or PNG file and the axes its metadata gives."""
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.is_dir():
-        raise InputError(f"{path}: is a folder, not an image")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: empty file (0 bytes)")
-    suffix = path.suffix.lower()
-    if suffix == ".png":
-        return _read_png(path)
-    if suffix in {".tif", ".tiff", ".btf", ".tf8"}:
-        return _read_tiff(path)
-    raise InputError(f"{path}: unsupported file type {path.suffix!r}; expected TIFF or PNG")
+def _imagej_spacing(tif) -> dict[str, float]:
+    """Pixel sizes from ImageJ's unit, spacing and the X/Y resolution tags."""
+    meta = tif.imagej_metadata or {}
+    factor = _unit_um(meta.get("unit"))
+    if factor is None:
+        return {}
+    out: dict[str, float] = {}
+    page = tif.pages[0]
+    for axis, tag in (("X", "XResolution"), ("Y", "YResolution")):
+        t = page.tags.get(tag)
+        if t is None:
+            continue
+        num, den = t.value if isinstance(t.value, tuple) else (t.value, 1)
+        if num and den and (num, den) != (1, 1):
+            out[axis] = factor * float(den) / float(num)
+    if "spacing" in meta and float(meta["spacing"]) > 0:
+        out["Z"] = factor * float(meta["spacing"])
+    return out
 
 
-def _guess_channel_axes(shape, axes: str, name: str) -> str:
-    """CYX or YXC for a 3D array whose metadata names no axis but Y and X."""
-    axes = (axes or "").upper()
-    known = len(axes) == len(shape) and any(a not in "QIYX" for a in axes)
-    if len(shape) != 3 or known:
-        return axes
-    guess = None
-    if shape[0] <= MAX_GUESSED_CHANNELS and shape[0] < min(shape[1:]):
-        guess = "CYX"
-    elif shape[2] <= MAX_GUESSED_CHANNELS and shape[2] < min(shape[:2]):
-        guess = "YXC"
-    if guess is None:
-        return axes
-    msg = "%s: the file does not name its axes; shape %s read as %s (see --axes)"
-    logger.info(msg, name, tuple(shape), guess)
-    return guess
+def _ome_spacing(xml: str | None) -> dict[str, float]:
+    """PhysicalSizeX/Y/Z of the first OME image (the unit defaults to micrometres)."""
+    if not xml:
+        return {}
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return {}
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return {}
+    out = {}
+    for axis in "XYZ":
+        value = pixels.get(f"PhysicalSize{axis}")
+        factor = _unit_um(pixels.get(f"PhysicalSize{axis}Unit", "µm"))
+        try:
+            v = float(value) if value is not None else None
+        except ValueError:
+            v = None
+        if v is not None and v > 0 and factor is not None:
+            out[axis] = v * factor
+    return out
 
 
 def _is_alpha(plane: np.ndarray) -> bool:
     return plane.min() == plane.max()
-
-
-def _guess_axes(shape) -> str:
-    if len(shape) == 2:
-        return "YX"
-    if len(shape) == 3:
-        return "YXC" if shape[-1] in (3, 4) else "ZYX"
-    return "".join("Q" for _ in shape[:-2]) + "YX"
 
 
 # --------------------------------------------------------------------------- models

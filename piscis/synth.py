@@ -282,21 +282,84 @@ def spot_image(
     background with Gaussian read noise. Spots are at least ``min_sep`` apart
     and ``margin`` px from the border unless ``coords`` is given."""
     if coords is None:
-        pts: list[np.ndarray] = []
-        tries = 0
-        while len(pts) < n_spots and tries < 100000:
-            tries += 1
-            p = rng.uniform([margin, margin], [shape[0] - 1 - margin, shape[1] - 1 - margin])
-            if pts and np.min(np.sum((np.asarray(pts) - p) ** 2, axis=1)) < min_sep**2:
-                continue
-            pts.append(p)
-        coords = np.asarray(pts).reshape(-1, 2)
+        coords = random_positions(rng, shape, n_spots, min_sep, margin, max_tries=100000)
     coords = np.asarray(coords, dtype=float).reshape(-1, 2)
     img = background + render_spots(
         shape, coords, np.full(len(coords), sigma), np.full(len(coords), amp)
     )
     img = img + rng.normal(0, noise_sd, shape)
+    return _as_dtype(img, dtype), coords
+
+
+def _as_dtype(img: np.ndarray, dtype) -> np.ndarray:
+    """Round and clip to an integer dtype's range, or cast to a float dtype."""
     if np.issubdtype(np.dtype(dtype), np.integer):
         info = np.iinfo(dtype)
         img = np.clip(np.round(img), info.min, info.max)
-    return img.astype(dtype), coords
+    return img.astype(dtype)
+
+
+def render_spots_3d(shape, coords, sigmas, amps) -> np.ndarray:
+    """Sum of voxel-integrated 3D Gaussians of peak height ``amps`` (for a spot on a
+    voxel centre) at ``coords`` (N, 3) (z, y, x); ``sigmas`` (N, 2) or (2,) is
+    (sigma_z, sigma_yx) in voxels."""
+    out = np.zeros(shape, dtype=np.float64)
+    coords = np.asarray(coords, dtype=float).reshape(-1, 3)
+    sigmas = np.broadcast_to(np.asarray(sigmas, dtype=float), (len(coords), 2))
+    amps = np.broadcast_to(np.asarray(amps, dtype=float), (len(coords),))
+    for c, (sz, sr), a in zip(coords, sigmas, amps):
+        sl, parts = [], []
+        for mu, s, n in zip(c, (sz, sr, sr), shape):
+            r = int(np.ceil(4 * s)) + 1
+            lo, hi = max(int(np.floor(mu)) - r, 0), min(int(np.floor(mu)) + r + 2, n)
+            if lo >= hi:
+                break
+            g = _integrated_gauss(np.arange(lo, hi), mu, s)
+            parts.append(g / _integrated_gauss(np.zeros(1), 0.0, s)[0])
+            sl.append(slice(lo, hi))
+        if len(parts) < 3:
+            continue
+        out[tuple(sl)] += a * parts[0][:, None, None] * parts[1][None, :, None] * parts[2]
+    return out
+
+
+def random_positions(
+    rng, shape, n, min_sep: float = 6.0, margin: float = 4.0, max_tries: int = 200000
+) -> np.ndarray:
+    """``n`` uniform positions in ``shape`` (any dimension), at least ``min_sep`` apart
+    and ``margin`` from the border (rejection sampling)."""
+    shape = np.asarray(shape, dtype=float)
+    lo, hi = np.full(len(shape), margin), shape - 1 - margin
+    pts: list[np.ndarray] = []
+    tries = 0
+    while len(pts) < n and tries < max_tries:
+        tries += 1
+        p = rng.uniform(lo, hi)
+        if pts and np.min(np.sum((np.asarray(pts) - p) ** 2, axis=1)) < min_sep**2:
+            continue
+        pts.append(p)
+    return np.asarray(pts).reshape(-1, len(shape))
+
+
+def spot_volume(
+    rng: np.random.Generator,
+    shape=(16, 128, 128),
+    n_spots: int = 20,
+    sigma=(1.5, 1.0),
+    amp: float = 400.0,
+    background: float = 100.0,
+    noise_sd: float = 5.0,
+    margin: float = 4.0,
+    min_sep: float = 6.0,
+    coords: np.ndarray | None = None,
+    dtype=np.uint16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A ZYX test volume as CASES.md describes: 3D Gaussian spots (sigma_z, sigma_yx)
+    over a flat background with Gaussian read noise, clipped to the dtype's range.
+    Random spots are ``min_sep`` apart (in voxels) and ``margin`` from the border."""
+    if coords is None:
+        coords = random_positions(rng, shape, n_spots, min_sep, margin)
+    coords = np.asarray(coords, dtype=float).reshape(-1, 3)
+    vol = background + render_spots_3d(shape, coords, sigma, amp)
+    vol = vol + rng.normal(0, noise_sd, shape)
+    return _as_dtype(vol, dtype), coords

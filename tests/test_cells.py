@@ -296,10 +296,12 @@ def test_read_labels_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown label file type"):
         read_labels(tmp_path / "m.png")
     tifffile.imwrite(
-        tmp_path / "stack.tif", np.ones((3, 8, 8), np.uint16), photometric="minisblack"
+        tmp_path / "stack.tif", np.ones((2, 3, 8, 8), np.uint16), photometric="minisblack"
     )
     with pytest.raises(ValueError, match=r"stack.tif.*2D"):
         read_labels(tmp_path / "stack.tif")
+    tifffile.imwrite(tmp_path / "z.tif", np.ones((3, 8, 8), np.uint16), photometric="minisblack")
+    assert read_labels(tmp_path / "z.tif").shape == (3, 8, 8)  # a 3D (Z, Y, X) mask
     tifffile.imwrite(tmp_path / "single.tif", np.ones((1, 8, 8), np.uint16))
     assert read_labels(tmp_path / "single.tif").shape == (8, 8)  # singleton squeezed
     np.save(tmp_path / "f.npy", np.full((4, 4), 1.5))
@@ -321,7 +323,9 @@ def test_check_labels_messages(caplog):
     with pytest.raises(ValueError, match="complex128"):
         check_labels(np.ones((3, 3), complex))
     with pytest.raises(ValueError, match="2D"):
-        check_labels(np.ones((2, 3, 3), np.uint8))
+        check_labels(np.ones((2, 2, 3, 3), np.uint8))
+    with pytest.raises(ValueError, match="needs a 3D image"):
+        check_labels(np.ones((2, 3, 3), np.uint8), shape=(3, 3))
     with pytest.raises(ValueError, match="too large"):
         check_labels(np.array([[0, 2**63]], np.uint64))
     with caplog.at_level(logging.WARNING, logger="piscis.cells"):

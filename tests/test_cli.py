@@ -237,30 +237,35 @@ def test_channel_on_grey_image_fails_for_that_file(tmp_path, tiny_model, capsys)
     assert sorted(p.name for p in out.iterdir()) == [RECORD, "colour.csv"]  # 6 channels: fine
 
 
-def test_channel_picks_a_plane_of_a_colour_image(tmp_path, tiny_model, capsys):
+def test_colour_image_without_channel_gives_every_channel(tmp_path, tiny_model, capsys):
     rgb = np.stack([(_image(s) // 4).astype(np.uint8) for s in (20, 21, 22)], axis=-1)
     img = tmp_path / "rgb.png"
     skio.imsave(img, rgb, check_contrast=False)
     out = tmp_path / "out"
     rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
-    assert rc == 1 and "--channel" in err
-    assert not (out / "spots" / "rgb.csv").exists()
+    assert rc == 0, err
+    columns, rows = _table(out / "summary.csv")
+    assert columns == [*cli.SUMMARY_COLUMNS, "c"]
+    assert [r["c"] for r in rows] == ["0", "1", "2"]
+    assert _table(out / "spots" / "rgb.csv")[0] == ["c", *SPOT_COLUMNS]
     out = tmp_path / "out2"
     rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--channel", "1")
     assert rc == 0, err
-    assert (out / "spots" / "rgb.csv").exists()
+    assert _table(out / "summary.csv")[0] == cli.SUMMARY_COLUMNS  # --channel: one image
+    assert _table(out / "spots" / "rgb.csv")[0] == SPOT_COLUMNS
 
 
-def test_z_stack_is_projected_with_one_warning(tmp_path, tiny_model, capsys):
+def test_z_stack_projected_with_project(tmp_path, tiny_model, capsys):
     img = tmp_path / "stack.tif"
     z = np.stack([_image(s) for s in (23, 24, 25)])
     tifffile.imwrite(img, z, imagej=True, metadata={"axes": "ZYX"})
     out = tmp_path / "out"
-    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
-    assert rc == 0
-    assert err.count("3 z-planes max-projected") == 1
-    row = _table(out / "summary.csv")[1][0]
-    assert (row["height"], row["width"]) == ("32", "40")
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--project")
+    assert rc == 0, err
+    assert err.count("3 z-planes max-projected (--project)") == 1
+    columns, rows = _table(out / "summary.csv")
+    assert columns == cli.SUMMARY_COLUMNS  # a projected stack is a 2D image
+    assert (rows[0]["height"], rows[0]["width"]) == ("32", "40")
 
 
 def test_axes_option(tmp_path, tiny_model, capsys):
@@ -268,11 +273,89 @@ def test_axes_option(tmp_path, tiny_model, capsys):
     yxz = np.stack([_image(s, (24, 30)) for s in (26, 27, 28, 29, 30)], axis=-1)
     tifffile.imwrite(img, yxz, metadata=None, photometric="minisblack")
     out = tmp_path / "out"
-    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--axes", "YXZ")
+    argv = ["count", img, "-o", out, "--model", tiny_model, "--axes", "YXZ", "--project"]
+    rc, _, err = _run(capsys, *argv)
     assert rc == 0, err
     row = _table(out / "summary.csv")[1][0]
     assert (row["height"], row["width"]) == ("24", "30")
+    assert "axes ZYX, shape (5, 24, 30) (--axes)" in err
     assert "5 z-planes" in err
+
+
+def test_summary_columns_are_the_same_for_every_row_of_a_mixed_run(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "a.tif", _image(40))
+    two = np.stack([_image(41), _image(42)])
+    tifffile.imwrite(d / "b.tif", two, metadata={"axes": "CYX"})
+    tifffile.imwrite(d / "c.tif", two, imagej=True, metadata={"axes": "TYX"})
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model)
+    assert rc == 0, err
+    for name, axes in (("a", "YX"), ("b", "CYX"), ("c", "TYX")):
+        assert f"{name}.tif: axes {axes}, shape " in err  # every file's axes are logged
+    columns, rows = _table(out / "summary.csv")
+    assert columns == [*cli.SUMMARY_COLUMNS, "t", "c"]
+    got = [(Path(r["image"]).name, r["t"], r["c"]) for r in rows]
+    assert got == [("a.tif", "", ""), ("b.tif", "", "0"), ("b.tif", "", "1"),
+                   ("c.tif", "0", ""), ("c.tif", "1", "")]  # fmt: skip
+    assert all(len(r) == len(columns) for r in rows)
+    assert _table(out / "spots" / "a.csv")[0] == SPOT_COLUMNS
+    assert _table(out / "spots" / "b.csv")[0] == ["c", *SPOT_COLUMNS]
+    assert _table(out / "spots" / "c.csv")[0] == ["t", *SPOT_COLUMNS]
+    rc, _, err = _run(
+        capsys, "detect", d / "a.tif", "-o", tmp_path / "spots", "--model", tiny_model
+    )
+    assert rc == 0, err  # detect: spot tables only, the same columns
+    assert _table(tmp_path / "spots" / "a.csv")[0] == SPOT_COLUMNS
+
+
+def test_cells_table_per_channel_and_2d_mask_on_a_z_stack(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    mask = np.zeros((32, 40), np.uint16)
+    mask[2:12, 3:20], mask[15:30, 22:38] = 7, 65000
+    two = np.stack([_image(50), _image(51)])
+    tifffile.imwrite(d / "two.tif", two, metadata={"axes": "CYX"})
+    tifffile.imwrite(d / "two_masks.tif", mask)
+    tifffile.imwrite(d / "vol.tif", np.stack([_image(52), _image(53)]), metadata={"axes": "ZYX"})
+    tifffile.imwrite(d / "vol_masks.tif", mask)  # a (Y, X) mask for every plane
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model, "--cells", d)
+    assert rc == 0, err
+    columns, rows = _table(out / "summary.csv")
+    assert columns == [*cli.SUMMARY_COLUMNS, "c", "depth", *cli.SUMMARY_CELL_COLUMNS]
+    got = [(Path(r["image"]).name, r["c"], r["depth"], r["n_cells"]) for r in rows]
+    assert got == [("two.tif", "0", "", "2"), ("two.tif", "1", "", "2"), ("vol.tif", "", "2", "2")]
+    cell_cols, cells = _table(out / "cells.csv")
+    assert cell_cols[:3] == ["image", "c", "cell_id"]
+    assert [(Path(r["image"]).name, r["c"], r["cell_id"]) for r in cells] == [
+        ("two.tif", "0", "7"), ("two.tif", "0", "65000"), ("two.tif", "1", "7"),
+        ("two.tif", "1", "65000"), ("vol.tif", "", "7"), ("vol.tif", "", "65000"),
+    ]  # fmt: skip
+    assert _table(out / "spots" / "vol.csv")[0][:3] == ["z", "y", "x"]
+
+
+@pytest.mark.parametrize("bad", ["abc", "0.1", "0.1,0,0.1", "1,2,3,4", "0.1,-1"])
+def test_voxel_size_option_is_checked(tmp_path, tiny_model, capsys, bad):
+    img = tmp_path / "a.tif"
+    tifffile.imwrite(img, _image(43))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["detect", str(img), "-o", str(tmp_path / "o"), "--voxel-size", bad])
+    assert e.value.code == 2
+    assert "--voxel-size" in capsys.readouterr().err
+
+
+def test_voxel_size_that_does_not_fit_fails_that_image(tmp_path, tiny_model, capsys):
+    flat, stack = tmp_path / "flat.tif", tmp_path / "stack.tif"
+    tifffile.imwrite(flat, _image(44))
+    tifffile.imwrite(stack, np.stack([_image(45), _image(46)]), metadata={"axes": "ZYX"})
+    out = tmp_path / "o"
+    argv = ["detect", flat, stack, "-o", out, "--model", tiny_model, "--voxel-size", "0.1,0.1"]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 1
+    assert "stack.tif: --voxel-size 0.1,0.1 does not fit a ZYX image; give Z,Y,X" in err
+    assert [p.name for p in out.iterdir()] == ["flat.csv"]
 
 
 def test_an_error_inside_detection_does_not_stop_the_batch(

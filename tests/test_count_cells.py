@@ -815,11 +815,12 @@ def test_read_channels_z_stack_axes_and_errors(tmp_path, caplog):
     data = _planes(np.random.default_rng(1), (4, 2, 30, 40))  # ZCYX
     path = tmp_path / "zc.tif"
     tifffile.imwrite(path, data, imagej=True, metadata={"axes": "ZCYX"})
-    with caplog.at_level(logging.WARNING, logger="piscis.io"):
-        a, b = read_channels(path, [0, 1])
+    a, b = read_channels(path, [0, 1])  # each channel a (Z, Y, X) stack
+    np.testing.assert_array_equal(a.image, data[:, 0])
+    np.testing.assert_array_equal(b.image, data[:, 1])
+    a, b = read_channels(path, [0, 1], project=True)
     np.testing.assert_array_equal(a.image, data[:, 0].max(axis=0))
     np.testing.assert_array_equal(b.image, data[:, 1].max(axis=0))
-    assert caplog.text.count("max-projected") == 1  # once per file
     with pytest.raises(InputError, match=r"zc.tif: --channel 2 out of range; the image has 2"):
         read_channels(path, [0, 2])
     plain = tmp_path / "plain.tif"

@@ -86,7 +86,7 @@ def test_decode_breaks_ties_on_plateaus():
 
 def test_rejects_non_2d_and_odd_dtypes(random_model):
     with pytest.raises(ValueError, match="2D"):
-        detect(np.zeros((3, 8, 8)), random_model)
+        detect(np.zeros((2, 3, 8, 8)), random_model)
     with pytest.raises(TypeError, match="bool"):
         detect(np.zeros((8, 8), bool), random_model)
     with pytest.raises(ValueError, match="threshold"):
@@ -206,3 +206,64 @@ def test_fused_inference_network_equals_the_training_one():
         ref = net(x)
         fused = fuse_batchnorm(net)(x)
     assert torch.allclose(ref, fused, atol=1e-4)
+
+
+class _Planes:
+    """A lazy volume: shape, dtype and vol[z] only; records what was read."""
+
+    def __init__(self, vol):
+        self._vol, self.shape, self.dtype, self.reads = vol, vol.shape, vol.dtype, []
+
+    def __getitem__(self, z):
+        assert isinstance(z, (int, np.integer)), f"read {z!r}, not one plane"
+        self.reads.append(int(z))
+        return self._vol[z]
+
+
+def _volume(seed=11, shape=(12, 96, 96), n=12):
+    from piscis.synth import spot_volume
+
+    return spot_volume(np.random.default_rng(seed), shape, n, sigma=(1.5, 1.0), amp=400)
+
+
+def test_volume_streams_plane_by_plane_and_ignores_tiles_and_z_blocks(default):
+    vol, true = _volume()
+    ref = detect(vol, default)
+    assert ref.coords.shape == (12, 3)
+    lazy = _Planes(vol)
+    np.testing.assert_array_equal(detect(lazy, default).coords, ref.coords)
+    assert set(lazy.reads) == set(range(12))
+    np.testing.assert_allclose(detect(vol, default, tile_size=32).coords, ref.coords, atol=1e-4)
+    np.testing.assert_array_equal(detect(vol, default, z_block=4).coords, ref.coords)
+    parts = [detect(vol, default, z_range=r).coords for r in ((0, 5), (5, 12))]
+    np.testing.assert_array_equal(np.concatenate(parts), ref.coords)
+    cols = ref.columns()
+    assert list(cols)[:6] == ["z", "y", "x", "score", "intensity", "background"]
+
+
+def test_volume_candidates_match_detect_at_every_threshold(default):
+    from piscis.detect3d import VolumeCandidates
+
+    vol, _ = _volume(12)
+    cands = VolumeCandidates(vol, default)
+    for t in (0.5, 0.9, 0.99):
+        np.testing.assert_array_equal(cands.at(t).coords, detect(vol, default, threshold=t).coords)
+    with pytest.raises(ValueError, match="below the cached minimum"):
+        cands.at(0.01)
+
+
+def test_an_asymmetric_axial_psf_is_one_spot_not_a_z_pair(default):
+    """Aberrated PSFs are longer on one side in z: no z split for them."""
+    from piscis.synth import random_positions, render_spots
+
+    rng = np.random.default_rng(13)
+    shape = (16, 96, 96)
+    true = random_positions(rng, shape, 12, min_sep=10, margin=5)
+    zz = np.arange(shape[0])[:, None, None]
+    vol = np.full(shape, 100.0) + rng.normal(0, 5, shape)
+    for c in true:
+        dz = zz - c[0]
+        profile = np.exp(-(dz**2) / (2 * np.where(dz < 0, 1.2, 2.0) ** 2))
+        vol += 3000 * profile * render_spots(shape[1:], c[None, 1:], np.ones(1), np.ones(1))[None]
+    spots = detect(vol.astype(np.float32), default)
+    assert len(spots) == 12 and not spots.columns()["z_split"].any()

@@ -6,6 +6,7 @@ from how the input was built.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import warnings
@@ -29,6 +30,7 @@ from piscis.io import (
 )
 
 SHAPE = (24, 36)  # Y != X so a transposed result cannot pass
+ZYX = {"axes": "ZYX"}
 
 
 def _base(seed: int = 0, high: int = 100) -> np.ndarray:
@@ -64,6 +66,121 @@ def test_tiff_dtypes_and_byte_orders_read_the_same_values(tmp_path, dtype, order
     np.testing.assert_array_equal(data.image, base)
     assert data.axes == "YX"
     assert data.notes == []
+
+
+INT_FLOAT_DTYPES = ["u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8"]
+
+
+@pytest.mark.parametrize("order", [">", "<"])
+@pytest.mark.parametrize("dtype", INT_FLOAT_DTYPES)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_every_int_and_float_dtype_both_byte_orders_2d_and_3d(dtype, order, ndim):
+    """The array path (napari layers, the API) as well as files: same values, native order."""
+    base = _stack(3, 40).astype(np.uint8) // 3 if ndim == 3 else _base(40)
+    arr = base.astype(order + dtype)
+    stack = pio.resolve_axes(arr, "ZYX" if ndim == 3 else "YX", "arr")
+    assert stack.data.dtype == np.dtype(dtype).newbyteorder("=")
+    assert stack.data.dtype.byteorder in "=|"
+    np.testing.assert_array_equal(stack.data, base)
+
+
+@pytest.mark.parametrize("order", [">", "<"])
+@pytest.mark.parametrize("dtype", ["u4", "i8", "u8", "f2"])
+def test_wide_and_half_dtypes_read_from_tiff_in_3d(tmp_path, dtype, order):
+    base = _stack(3, 41) // 10
+    path = tmp_path / "v.tif"
+    tifffile.imwrite(path, base.astype(order + dtype), photometric="minisblack", metadata=ZYX)
+    data = read_image(path)
+    assert data.axes == "ZYX" and data.image.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(data.image, base)
+
+
+@pytest.mark.parametrize("dtype", [bool, np.complex64, np.complex128])
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_bool_and_complex_refused_before_processing_2d_and_3d(tmp_path, dtype, ndim):
+    path = tmp_path / "bad.tif"
+    shape = (3, *SHAPE) if ndim == 3 else SHAPE
+    tifffile.imwrite(
+        path, np.zeros(shape, dtype), photometric="minisblack", metadata={"axes": "ZYX"[-ndim:]}
+    )
+    for call in (read_image, pio.read_planes, lambda p: pio.read_channels(p, [None])):
+        with pytest.raises(InputError) as e:
+            call(path)
+        assert np.dtype(dtype).name in str(e.value) and "bad.tif" in str(e.value)
+    with pytest.raises(InputError, match=np.dtype(dtype).name):
+        to_plane(np.zeros(shape, dtype), "ZYX"[-ndim:], name="layer")
+
+
+# --------------------------------------------------------------------------- voxel size
+
+
+def test_imagej_spacing_unit_and_resolution_give_the_voxel_size(tmp_path):
+    path = tmp_path / "ij.tif"
+    meta = {"axes": "ZYX", "spacing": 300, "unit": "nm"}
+    tifffile.imwrite(path, _stack(3, 42), imagej=True, metadata=meta, resolution=(1 / 65, 1 / 80))
+    data = read_image(path)
+    assert data.spacing == pytest.approx((0.3, 0.08, 0.065))  # (z, y, x) in micrometres
+    assert read_image(path, project=True).spacing == pytest.approx((0.08, 0.065))
+    micron = tmp_path / "um.tif"
+    meta = {"axes": "YX", "unit": "\\u00B5m"}  # how ImageJ writes a micrometre
+    tifffile.imwrite(micron, _base(43), imagej=True, metadata=meta, resolution=(10, 10))
+    assert read_image(micron).spacing == pytest.approx((0.1, 0.1))
+
+
+def test_ome_physical_sizes_give_the_voxel_size(tmp_path):
+    path = tmp_path / "o.ome.tif"
+    meta = {"axes": "ZYX", "PhysicalSizeX": 65, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 65,
+            "PhysicalSizeYUnit": "nm", "PhysicalSizeZ": 0.25}  # fmt: skip
+    tifffile.imwrite(path, _stack(3, 44), metadata=meta)
+    assert read_image(path).spacing == pytest.approx((0.25, 0.065, 0.065))
+
+
+def test_voxel_size_unknown_given_and_wrong(tmp_path):
+    path = tmp_path / "p.tif"
+    tifffile.imwrite(path, _stack(3, 45), photometric="minisblack", metadata=ZYX)
+    assert read_image(path).spacing is None
+    assert read_image(path, voxel_size=(0.5, 0.1, 0.2)).spacing == (0.5, 0.1, 0.2)
+    assert read_image(path, voxel_size=(0.5, 0.1, 0.2), project=True).spacing == (0.1, 0.2)
+    with pytest.raises(InputError, match=r"p.tif: --voxel-size 0.1,0.2 does not fit a ZYX"):
+        read_image(path, voxel_size=(0.1, 0.2))
+
+
+# --------------------------------------------------------------------------- read_planes
+
+
+def test_read_planes_index_and_channel(tmp_path):
+    arr = np.random.default_rng(46).integers(0, 999, (2, 3, 2, *SHAPE)).astype(np.uint16)
+    path = tmp_path / "h.tif"
+    tifffile.imwrite(path, arr, imagej=True, metadata={"axes": "TZCYX"})
+    planes = pio.read_planes(path)
+    assert [i for i, _ in planes] == [{"t": t, "c": c} for t in (0, 1) for c in (0, 1)]
+    for i, d in planes:
+        np.testing.assert_array_equal(d.image, arr[i["t"], :, i["c"]])
+    one = pio.read_planes(path, channel=1, project=True)
+    assert [i for i, _ in one] == [{"t": 0, "c": 1}, {"t": 1, "c": 1}]
+    np.testing.assert_array_equal(one[1][1].image, arr[1, :, 1].max(axis=0))
+    with pytest.raises(InputError, match=r"h.tif: 2 time points.*read_planes"):
+        read_image(path, channel=0)
+    assert pio.read_planes(_png(tmp_path / "g.png", _base(1)))[0][0] == {}
+
+
+@pytest.mark.parametrize("axes", ["zyx", "ZYX", "YXZ", "CYX", "YXC", "TYX", "XYZ"])
+def test_explicit_axes_give_canonical_order(axes):
+    rng = np.random.default_rng(47)
+    canon = "".join(a for a in "TCZYX" if a in axes.upper())
+    shape = {"T": 2, "C": 3, "Z": 4, "Y": SHAPE[0], "X": SHAPE[1]}
+    ref = rng.integers(0, 99, [shape[a] for a in canon]).astype(np.uint16)
+    arr = np.transpose(ref, [canon.index(a) for a in axes.upper()])
+    stack = pio.resolve_axes(arr, "", "arr", axes=axes)
+    assert stack.axes == canon
+    np.testing.assert_array_equal(stack.data, ref)
+
+
+def test_explicit_axes_may_leave_out_singletons(tmp_path):
+    arr = np.random.default_rng(48).integers(0, 99, (3, 1, *SHAPE)).astype(np.uint16)
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, arr)
+    np.testing.assert_array_equal(read_image(path, axes="ZYX").image, arr[:, 0])
 
 
 @pytest.mark.parametrize("order", [">", "<"])
@@ -161,13 +278,19 @@ def _stack(n: int, seed: int) -> np.ndarray:
     return rng.integers(0, 1000, (n, *SHAPE)).astype(np.uint16)
 
 
-def test_imagej_hyperstack_zyx_is_max_projected_with_a_note(tmp_path):
+def test_imagej_hyperstack_zyx_stays_3d_unless_projected(tmp_path, caplog):
     z = _stack(4, 10)
     path = tmp_path / "ij.tif"
     tifffile.imwrite(path, z, imagej=True, metadata={"axes": "ZYX"})
-    data = read_image(path)
-    np.testing.assert_array_equal(data.image, z.max(axis=0))
-    assert len(data.notes) == 1 and "4 z-planes max-projected" in data.notes[0]
+    with caplog.at_level(logging.INFO, logger="piscis.io"):
+        data = read_image(path)
+    np.testing.assert_array_equal(data.image, z)
+    assert data.axes == "ZYX" and data.notes == []
+    assert "ij.tif: axes ZYX, shape (4, 24, 36) (ImageJ metadata)" in caplog.text
+    flat = read_image(path, project=True)
+    np.testing.assert_array_equal(flat.image, z.max(axis=0))
+    assert flat.axes == "YX"
+    assert len(flat.notes) == 1 and "4 z-planes max-projected (--project)" in flat.notes[0]
 
 
 def test_imagej_hyperstack_zcyx_with_channel(tmp_path):
@@ -177,20 +300,21 @@ def test_imagej_hyperstack_zcyx_with_channel(tmp_path):
     with pytest.raises(InputError, match="--channel"):
         read_image(path)
     data = read_image(path, channel=1)
-    np.testing.assert_array_equal(data.image, arr[:, 1].max(axis=0))
-    assert any("3 z-planes" in n for n in data.notes)
+    np.testing.assert_array_equal(data.image, arr[:, 1])
+    assert data.axes == "ZYX"
+    np.testing.assert_array_equal(read_image(path, channel=1, project=True).image, arr[:, 1].max(0))
 
 
 @pytest.mark.parametrize("suffix", [".ome.tif", ".ome.tiff"])
 def test_ome_tiff_zyx_axes_from_metadata(tmp_path, suffix):
     z = _stack(3, 12)
     path = tmp_path / f"o{suffix}"
-    tifffile.imwrite(path, z, metadata={"axes": "ZYX"})
+    tifffile.imwrite(path, z, photometric="minisblack", metadata=ZYX)
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome
     data = read_image(path)
-    np.testing.assert_array_equal(data.image, z.max(axis=0))
-    assert data.notes
+    np.testing.assert_array_equal(data.image, z)
+    assert data.axes == "ZYX"
 
 
 def test_ome_tiff_cyx_axes_from_metadata(tmp_path):
@@ -204,13 +328,15 @@ def test_ome_tiff_cyx_axes_from_metadata(tmp_path):
     assert data.notes == []  # a channel pick is not a projection
 
 
-def test_plain_multipage_tiff_is_a_z_stack(tmp_path):
+def test_plain_multipage_tiff_is_a_z_stack_and_says_so(tmp_path, caplog):
     z = _stack(3, 14)
     path = tmp_path / "mp.tif"
     tifffile.imwrite(path, z, metadata=None, photometric="minisblack")
-    data = read_image(path)
-    np.testing.assert_array_equal(data.image, z.max(axis=0))
-    assert "3 z-planes" in data.notes[0]
+    with caplog.at_level(logging.INFO, logger="piscis.io"):
+        data = read_image(path)
+    np.testing.assert_array_equal(data.image, z)
+    assert data.axes == "ZYX"
+    assert "mp.tif: axes ZYX" in caplog.text and "z-planes" in caplog.text
 
 
 # --------------------------------------------------------------------------- axes override
@@ -224,8 +350,9 @@ def test_axes_override_moves_z_wherever_it_is(tmp_path, axes):
     path = tmp_path / "s.tif"
     tifffile.imwrite(path, arr, metadata=None, photometric="minisblack")
     data = read_image(path, axes=axes)
-    np.testing.assert_array_equal(data.image, yxz.max(axis=2))
-    assert "5 z-planes" in data.notes[0]
+    np.testing.assert_array_equal(data.image, np.moveaxis(yxz, 2, 0))
+    assert data.axes == "ZYX"
+    np.testing.assert_array_equal(read_image(path, axes=axes, project=True).image, yxz.max(2))
 
 
 def test_axes_override_beats_metadata(tmp_path):
@@ -234,7 +361,7 @@ def test_axes_override_beats_metadata(tmp_path):
     path = tmp_path / "s.tif"
     # Pages of (X, C): the file says 24 planes of 36 x 3, which is wrong.
     tifffile.imwrite(path, yxc, metadata=None, photometric="minisblack")
-    out = read_image_2d(path, axes="yxz")  # lower case is accepted
+    out = read_image_2d(path, axes="yxz")  # lower case is accepted; read_image_2d projects
     np.testing.assert_array_equal(out, yxc.max(axis=2))
     np.testing.assert_array_equal(read_image_2d(path, axes="YXC", channel=2), yxc[..., 2])
 
@@ -247,7 +374,7 @@ def test_axes_override_of_the_wrong_length_is_refused(tmp_path):
     assert "s.tif" in str(e.value)
 
 
-@pytest.mark.parametrize("axes", ["YYX", "ZCX", "TYX"])
+@pytest.mark.parametrize("axes", ["YYX", "ZCX", "EYX"])
 def test_axes_without_yx_or_unsupported_are_refused(axes):
     arr = np.zeros((3, *SHAPE), np.uint8)
     with pytest.raises(InputError, match="--axes"):
@@ -271,16 +398,6 @@ def test_xy_axes_are_transposed():
 
 
 # --------------------------------------------------------------------------- refused pixels
-
-
-@pytest.mark.parametrize("dtype", [bool, np.complex64])
-def test_bool_and_complex_are_refused_naming_the_dtype(tmp_path, dtype):
-    path = tmp_path / "bad.tif"
-    tifffile.imwrite(path, np.zeros(SHAPE, dtype))
-    with pytest.raises(InputError) as e:
-        read_image(path)
-    assert np.dtype(dtype).name in str(e.value)
-    assert "bad.tif" in str(e.value)
 
 
 def test_zero_size_axis_is_refused(tmp_path):
@@ -614,3 +731,49 @@ def test_saved_model_folder_is_not_private(tiny_model):
         "model.safetensors",
     ]
     assert not [p for p in Path(tiny_model).parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_large_uncompressed_stacks_are_memory_mapped(tmp_path, monkeypatch, order):
+    z = _stack(4, 49)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(
+        path, z.astype(order + "u2"), photometric="minisblack", metadata=ZYX, byteorder=order
+    )
+    monkeypatch.setattr(pio, "MEMMAP_BYTES", 0)  # every file counts as large
+    data = read_image(path)
+    np.testing.assert_array_equal(data.image, z)
+    assert data.image.dtype.byteorder in "=|"
+
+    def mapped(a):
+        while a is not None and not isinstance(a, np.memmap):
+            a = a.base
+        return a is not None
+
+    # a file in the machine's byte order is read through a map (plane by plane later);
+    # the other byte order is read and converted
+    assert mapped(data.image) == (np.dtype(order + "u2").isnative)
+    compressed = tmp_path / "zip.tif"
+    tifffile.imwrite(compressed, z, photometric="minisblack", metadata=ZYX, compression="zlib")
+    data = read_image(compressed)
+    np.testing.assert_array_equal(data.image, z)
+    assert not mapped(data.image)
+
+
+def test_few_unnamed_pages_are_z_with_a_warning_and_extra_series_are_named(tmp_path, caplog):
+    z = _stack(5, 50)
+    path = tmp_path / "five.tif"
+    tifffile.imwrite(path, z, metadata=None)
+    with caplog.at_level(logging.WARNING, logger="piscis.io"):
+        data = read_image(path)
+    assert data.axes == "ZYX"
+    assert "five.tif: 5 unnamed planes" in caplog.text and "--axes CYX" in caplog.text
+    caplog.clear()
+    two = tmp_path / "two_series.tif"
+    with tifffile.TiffWriter(two) as tw:
+        tw.write(z[0], metadata={"axes": "YX"})
+        tw.write(z[:2, :10, :10], metadata={"axes": "ZYX"})
+    with caplog.at_level(logging.WARNING, logger="piscis.io"):
+        data = read_image(two)
+    np.testing.assert_array_equal(data.image, z[0])
+    assert "two_series.tif: 2 image series in the file; only the first" in caplog.text

@@ -128,7 +128,8 @@ def test_saved_pair_is_what_load_pairs_reads(tmp_path):
     region[:40, :50] = True
     coords = np.vstack([coords, [[-3.0, 5.0]]])  # off the image: dropped
     paths = save_training_pair(tmp_path, "my image.tif", image, coords, region)
-    assert {p.name for p in paths.values()} == {"my image.tif", "my image.csv", "my image.mask.tif"}
+    names = {"my image.tif", "my image.csv", "my image.json", "my image.mask.tif"}
+    assert {p.name for p in paths.values()} == names
     (pair,) = load_pairs(tmp_path)
     assert pair.name == "my image"
     np.testing.assert_array_equal(pair.image, image)
@@ -225,3 +226,32 @@ def test_import_piscis_without_napari_or_qt():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("axes", ["ZYX", "CZYX", "ZCYX"])
+def test_volume_points_and_voxels_round_trip_through_layer_transforms(axes):
+    pytest.importorskip("napari")
+    from napari.layers import Image, Points
+
+    from piscis.napari import _layers
+
+    sizes = {"Z": 6, "C": 2, "Y": 20, "X": 24}
+    scales = {"Z": 0.3, "C": 1.0, "Y": 0.1, "X": 0.1}
+    shifts = {"Z": 1.0, "C": 0.0, "Y": 5.0, "X": -2.0}
+    image = Image(
+        np.zeros([sizes[a] for a in axes], np.uint16),
+        scale=[scales[a] for a in axes],
+        translate=[shifts[a] for a in axes],
+    )
+    image.metadata["piscis"] = {"axes": axes}
+    assert _layers.default_axes(image) == axes
+    vox = np.array([[0.0, 3.0, 4.0], [5.0, 19.0, 23.0], [2.5, 7.25, 0.0]])
+    data = _layers.points_from_voxels(vox, image, axes, channel=1)
+    pts = Points(data, scale=image.scale, translate=image.translate)
+    np.testing.assert_allclose(_layers.voxels_of_points(pts.data, pts, image), vox, atol=1e-12)
+    nd = len(axes)  # another layer over the image's dimensions, its own transform
+    other = Points(np.zeros((0, nd)), scale=[0.6] + [0.2] * (nd - 1), translate=[0.5] * nd)
+    back = _layers.points_data_from_voxels(vox, other, image)
+    np.testing.assert_allclose(_layers.voxels_of_points(back, other, image), vox, atol=1e-12)
+    vol = _layers.layer_image(image, axes, channel=1)
+    assert vol.shape == (6, 20, 24)

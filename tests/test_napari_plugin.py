@@ -328,7 +328,7 @@ def test_workflow_detect_threshold_annotate_train_review_export(
     annotate.folder.setText(str(tmp_path / "pairs"))
     annotate.name.setText("simple")
     paths = annotate.save()
-    assert paths is not None and set(paths) == {"image", "spots", "mask"}
+    assert paths is not None and set(paths) == {"image", "spots", "frame", "mask"}
     from piscis.data import load_pairs
 
     (pair,) = load_pairs(tmp_path / "pairs")

@@ -115,9 +115,21 @@ class AnnotateWidget(QWidget):
             notify_error("piscis: add an image layer first")
             return None
         src = self.source.layer()
-        data = np.zeros((0, 2))
+        axes = _layers.default_axes(image)
+        volume = _layers.volume_axes(image, axes) is not None
+        ndim = image.ndim if volume else 2
+        aligned = (
+            {"scale": tuple(image.scale), "translate": tuple(image.translate)}
+            if volume
+            else _layers.aligned_kwargs(image)
+        )
+        data = np.zeros((0, ndim))
         if src is not None and len(src.data):
-            data = _layers.to_pixels(src.data, src, image)
+            if volume:
+                vox = _layers.voxels_of_points(src.data, src, image, axes)
+                data = _layers.points_from_voxels(vox, image, axes)
+            else:
+                data = _layers.to_pixels(src.data, src, image)
         name = f"{image.name} annotations"
         k = 2
         while name in self.viewer.layers:
@@ -126,13 +138,13 @@ class AnnotateWidget(QWidget):
         layer = Points(
             data,
             name=name,
-            ndim=2,
+            ndim=ndim,
             size=7,
             face_color="transparent",
             border_color="#ffd700",
             border_width=0.15,
             metadata={"piscis": {"role": "annotation", "image": image.name}},
-            **_layers.aligned_kwargs(image),
+            **aligned,
         )
         self.viewer.add_layer(layer)  # _on_inserted connects the snapping
         region = self.region.layer()
@@ -182,10 +194,15 @@ class AnnotateWidget(QWidget):
         return self.image.layer()
 
     def _plane_of(self, image) -> np.ndarray:
+        """What the image's annotations index: its (Y, X) plane, or its (Z, Y, X)
+        volume when it has a Z axis."""
         key = id(image)
         if key not in self._planes:
-            self._planes[key] = _layers.layer_plane(image)
+            self._planes[key] = _layers.layer_image(image)
         return self._planes[key]
+
+    def _is_volume(self, image) -> bool:
+        return _layers.volume_axes(image, _layers.default_axes(image)) is not None
 
     def _on_points_data(self, event):
         layer = event.source
@@ -204,9 +221,18 @@ class AnnotateWidget(QWidget):
             return
         plane = self._plane_of(image)
         data = np.array(layer.data, float)
-        pix = _layers.to_pixels(data[idx], layer, image)
-        snapped = np.array([snap_to_peak(plane, p, self.snap_radius.value()) for p in pix])
-        data[np.ix_(idx, [-2, -1])] = _layers.from_pixels(snapped, layer, image)
+        radius = self.snap_radius.value()
+        if self._is_volume(image):
+            # In the point's own plane: z stays, y and x go to the peak.
+            vox = _layers.voxels_of_points(data[idx], layer, image)
+            for v in vox:
+                z = int(np.clip(np.floor(v[0] + 0.5), 0, plane.shape[0] - 1))
+                v[1:] = snap_to_peak(np.asarray(plane[z]), v[1:], radius)
+            data[idx] = _layers.points_data_from_voxels(vox, layer, image)
+        else:
+            pix = _layers.to_pixels(data[idx], layer, image)
+            snapped = np.array([snap_to_peak(plane, p, radius) for p in pix])
+            data[np.ix_(idx, [-2, -1])] = _layers.from_pixels(snapped, layer, image)
         self._snapping = True
         try:
             selected = set(layer.selected_data)
@@ -233,9 +259,17 @@ class AnnotateWidget(QWidget):
             notify_error("piscis: the annotation layer's image is not in the viewer")
             return None
         try:
-            plane = self._plane_of(image)
-            coords = _layers.to_pixels(ann.data, ann, image) if len(ann.data) else np.zeros((0, 2))
-            region = _layers.region_mask(self.region.layer(), image, plane.shape)
+            plane = np.asarray(self._plane_of(image))
+            if self._is_volume(image):
+                dims = _layers.volume_axes(image, _layers.default_axes(image))
+                coords = _layers.voxels_of_points(ann.data, ann, image)
+                scale = np.asarray(image.scale)[dims]
+                translate = np.asarray(image.translate)[dims]
+            else:
+                coords = _layers.to_pixels(ann.data, ann, image)
+                scale, translate = _layers.yx_transform(image)
+            coords = coords if len(ann.data) else np.zeros((0, plane.ndim))
+            region = _layers.region_mask(self.region.layer(), image, plane.shape[-2:])
             name = self.name.text().strip() or pair_name(image.name)
             paths = save_training_pair(
                 self.folder.text(),
@@ -244,6 +278,9 @@ class AnnotateWidget(QWidget):
                 coords,
                 region,
                 overwrite=self.overwrite.isChecked(),
+                scale=scale,
+                translate=translate,
+                units=_layers.world_units(image),
             )
         except (ValueError, OSError, TypeError) as e:
             msg = f"piscis: not saved: {e}"

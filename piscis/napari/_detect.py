@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QLabeledDoubleSlider
 
-from ..annotate import MIN_THRESHOLD, axes_choices, detect_candidates
+from ..annotate import MIN_THRESHOLD, detect_candidates
 from . import _layers
 from ._common import (
     LayerCombo,
@@ -49,7 +49,10 @@ class DetectWidget(WorkerMixin, QWidget):
 
         self.image = LayerCombo(napari_viewer, (Image,))
         self.axes = QComboBox()
-        self.axes.setToolTip("How the image's axes are read: C = channels, Z = max-projected")
+        self.axes.setToolTip(
+            "How the image's axes are read: C = channels, Z = planes of a volume (3D "
+            "detection, 3D points)"
+        )
         self.channel = QSpinBox()
         self.channel.setRange(0, 0)
         self.channel.setToolTip("Channel of a multi-channel image (0-based)")
@@ -107,9 +110,7 @@ class DetectWidget(WorkerMixin, QWidget):
         self.axes.blockSignals(True)
         self.axes.clear()
         if layer is not None:
-            self.axes.addItems(
-                axes_choices(_layers.layer_shape(layer), getattr(layer, "rgb", False))
-            )
+            self.axes.addItems(_layers.layer_axes_choices(layer))
         self.axes.blockSignals(False)
         self._on_axes_changed()
 
@@ -150,8 +151,9 @@ class DetectWidget(WorkerMixin, QWidget):
         if model_path is None:
             notify_error("piscis: no model; choose a model folder with Browse...")
             return
+        axes, channel = self.axes.currentText(), self.channel.value()
         try:
-            img = _layers.layer_plane(layer, self.axes.currentText(), self.channel.value())
+            img = _layers.layer_image(layer, axes, channel)
         except ValueError as e:
             notify_error(f"piscis: {e}")
             self.status.setText(str(e))
@@ -159,6 +161,11 @@ class DetectWidget(WorkerMixin, QWidget):
         scale = float(self.scale.value())
         relay = self.relay
         roi = _layers.roi_of_shapes(self.roi.layer(), layer)
+        if roi is not None and len(img.shape) == 3:
+            msg = "a region applies to 2D images; choose (whole image) for a z-stack"
+            notify_error(f"piscis: {msg}")
+            self.status.setText(msg)
+            return
         if roi is not None:
             from ..detect import clip_roi
 
@@ -169,20 +176,32 @@ class DetectWidget(WorkerMixin, QWidget):
                 self.status.setText(str(e))
                 return
 
+        volume = len(img.shape) == 3
+        spacing = _layers.meta(layer).get("spacing") if volume else None
+
         def work():
             from ..io import load_model
 
             model = load_model(model_path)
-            cands = detect_candidates(
-                img, model, scale, roi, progress=lambda d, t: relay.progressed.emit((d, t))
-            )
+            tick = lambda d, t: relay.progressed.emit((d, t))  # noqa: E731
+            if volume:
+                from ..detect3d import VolumeCandidates
+
+                cands = VolumeCandidates(
+                    img, model, scale=scale, progress=tick, spacing=spacing, name=layer.name
+                )
+                relay.progressed.emit(("decode", 0))
+                cands.at(model.threshold)  # linked and measured here, not in the GUI thread
+                return cands, model.threshold, model.name
+            cands = detect_candidates(img, model, scale, roi, progress=tick)
             return cands, model.threshold, model.name
 
         self.run_button.setEnabled(False)
         self.status.setText(f"Detecting spots in {layer.name}...")
         self._pbar = progress(total=0, desc="piscis: detecting")
         worker = create_worker(work, _start_thread=False)
-        worker.returned.connect(lambda r: self._on_result(r, layer, img.shape))
+        frame = (axes, channel) if volume else None
+        worker.returned.connect(lambda r: self._on_result(r, layer, img.shape, frame))
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self._worker = worker
@@ -207,27 +226,36 @@ class DetectWidget(WorkerMixin, QWidget):
         self._close_worker()
         self.run_button.setEnabled(True)
 
-    def _on_result(self, result, image_layer, shape):
+    def _on_result(self, result, image_layer, shape, frame=None):
         t0 = time.perf_counter()
         try:
-            self._show_result(result, image_layer, shape)
+            self._show_result(result, image_layer, shape, frame)
         finally:
             self.result_shown = (t0, time.perf_counter())
 
-    def _show_result(self, result, image_layer, shape):
+    def _show_result(self, result, image_layer, shape, frame=None):
+        """``frame``: (axes, channel) of a volume (3D points over all the image layer's
+        dimensions, with its scale and translate); None for a 2D plane."""
         cands, threshold, model_name = result
         name = f"{image_layer.name} spots"
+        ndim = image_layer.ndim if frame is not None else 2
+        aligned = (
+            {"scale": tuple(image_layer.scale), "translate": tuple(image_layer.translate)}
+            if frame is not None
+            else _layers.aligned_kwargs(image_layer)
+        )
         points = None
         for ly in self.viewer.layers:
             if (
                 isinstance(ly, Points)
                 and ly.name == name
                 and _layers.meta(ly).get("role") == "detections"
+                and ly.ndim == ndim
             ):
                 points = ly
         if points is None:
             points = self.viewer.add_points(
-                np.zeros((0, 2)),
+                np.zeros((0, ndim)),
                 name=name,
                 features={k: np.zeros(0) for k in ("score", "intensity", "background", "cell_id")},
                 face_color="score",
@@ -237,12 +265,15 @@ class DetectWidget(WorkerMixin, QWidget):
                 border_width=0.1,
                 size=6,
                 opacity=0.9,
-                **_layers.aligned_kwargs(image_layer),
+                **aligned,
             )
         md = _layers.meta(points)
         md.update(role="detections", image=image_layer.name, model=model_name, shape=tuple(shape))
+        if frame is not None:
+            md["axes"] = frame[0]
         self._result = {"candidates": cands, "points": points, "image": image_layer}
-        if cands.n_nonfinite:
+        self._result["frame"] = frame
+        if getattr(cands, "n_nonfinite", 0):
             notify_info(f"piscis: {cands.n_nonfinite} non-finite (NaN or infinite) pixels ignored")
         self.threshold.blockSignals(True)
         self.threshold.setValue(threshold)
@@ -259,7 +290,11 @@ class DetectWidget(WorkerMixin, QWidget):
             self._result = None
             return
         spots = cands.at(threshold)
-        _layers.set_points(points, spots.coords, _layers.spots_features(spots))
+        coords = spots.coords
+        frame = self._result.get("frame")
+        if frame is not None:
+            coords = _layers.points_from_voxels(coords, self._result["image"], *frame)
+        _layers.set_points(points, coords, _layers.spots_features(spots))
         _layers.meta(points)["threshold"] = float(threshold)
         self.last_update_s = time.perf_counter() - t0
         text = f"{len(spots)} spots at threshold {threshold:.2f} in {self._result['image'].name}"

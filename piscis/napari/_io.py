@@ -19,6 +19,9 @@ LABEL_SUFFIXES = (
     "_seg.npy",
 )
 
+IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
+CHANNEL_COLORMAPS = ("green", "magenta", "cyan", "yellow", "red", "blue")
+
 POINTS_STYLE = {"size": 6, "border_width": 0.1, "opacity": 0.9}
 
 
@@ -26,7 +29,8 @@ POINTS_STYLE = {"size": 6, "border_width": 0.1, "opacity": 0.9}
 
 
 def get_reader(path):
-    """npe2 reader: a spot CSV -> Points, a label mask -> Labels; None otherwise."""
+    """npe2 reader: a spot CSV -> Points, a label mask -> Labels, another TIFF -> one
+    Image layer per channel (:func:`image_layers`); None otherwise."""
     if isinstance(path, list):
         if not path:
             return None
@@ -39,7 +43,59 @@ def get_reader(path):
         return _read_csv if _looks_like_spots(path) else None
     if name.endswith(LABEL_SUFFIXES):
         return _read_labels
+    if name.endswith(IMAGE_SUFFIXES):
+        return _read_image
     return None
+
+
+def _read_image(path):
+    """A TIFF as one Image layer per channel, each [T]ZYX or [T]YX (see image_layers)."""
+    from ..io import read_stack
+
+    return image_layers(read_stack(path))
+
+
+def image_layers(stack) -> list:
+    """Layer data tuples of a :class:`piscis.io.Stack`: one Image layer per channel.
+
+    The channel axis (from the file's metadata or the documented defaults, see the
+    README on input axes) is split off, so each layer is (Z, Y, X), (Y, X), or with a
+    time axis (T, Z, Y, X) / (T, Y, X). The scale is the voxel size in micrometres when
+    the file gives it (1 per pixel otherwise). ``metadata["piscis"]`` holds the layer's
+    ``axes``, ``spacing`` (None when unknown), ``channel`` and ``source``.
+    """
+    data, axes = stack.data, stack.axes
+    stem = Path(stack.name).name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf", ".tf8"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    rest = axes.replace("C", "")
+    spatial = [a for a in rest if a in "ZYX"]
+    known = all(a in stack.spacing for a in spatial)
+    spacing = tuple(float(stack.spacing[a]) for a in spatial) if known else None
+    scale = tuple(1.0 for a in rest if a == "T") + (spacing or (1.0,) * len(spatial))
+    channels = [None] if "C" not in axes else list(range(data.shape[axes.index("C")]))
+    layers = []
+    for c in channels:
+        arr = data if c is None else data.take(c, axis=axes.index("C"))
+        kwargs = {
+            "name": stem if c is None else f"{stem} [c{c}]",
+            "scale": scale,
+            "metadata": {
+                "piscis": {
+                    "axes": rest,
+                    "spacing": spacing,
+                    "channel": c,
+                    "source": str(stack.name),
+                }
+            },
+        }
+        if c is not None and len(channels) > 1:
+            kwargs["colormap"] = CHANNEL_COLORMAPS[c % len(CHANNEL_COLORMAPS)]
+            kwargs["blending"] = "additive"
+        layers.append((arr, kwargs, "image"))
+    return layers
 
 
 def _looks_like_spots(path) -> bool:

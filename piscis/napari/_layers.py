@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd  # here, not at the first result: its import takes a noticeable moment
 
-from ..annotate import axes_choices, plane
+from ..annotate import axes_choices, image_array, plane
 
 ROLE = "piscis"  # key of our entry in layer.metadata
 
@@ -57,8 +57,18 @@ def from_pixels(pixels, layer, image_layer) -> np.ndarray:
     return (p * s + t - lt) / ls
 
 
-def default_axes(layer) -> str:
+def layer_axes_choices(layer) -> list[str]:
+    """:func:`piscis.annotate.axes_choices` of a layer, the axes its reader recorded
+    (``metadata["piscis"]["axes"]``, e.g. a 6-plane ZYX stack) first."""
     choices = axes_choices(layer_shape(layer), getattr(layer, "rgb", False))
+    known = meta(layer).get("axes")
+    if isinstance(known, str) and known in choices:
+        choices = [known, *[c for c in choices if c != known]]
+    return choices
+
+
+def default_axes(layer) -> str:
+    choices = layer_axes_choices(layer)
     return choices[0] if choices else ""
 
 
@@ -70,9 +80,59 @@ def layer_shape(layer) -> tuple[int, ...]:
 
 
 def layer_plane(layer, axes: str | None = None, channel: int | None = None) -> np.ndarray:
-    """The 2D (Y, X) plane of an image layer the detector runs on."""
+    """The 2D (Y, X) plane of an image layer (a Z axis max-projected)."""
     axes = axes or default_axes(layer)
     return plane(layer.data, axes, channel, name=layer.name)
+
+
+def layer_image(layer, axes: str | None = None, channel: int | None = None):
+    """What the detector runs on: the (Y, X) plane of a 2D layer, the (Z, Y, X) volume
+    of a layer with a Z axis (not projected; a lazy array stays lazy). RGB layers
+    give their plane."""
+    axes = axes or default_axes(layer)
+    if getattr(layer, "rgb", False) or "Z" not in axes:
+        return layer_plane(layer, axes, channel)
+    return image_array(layer.data, axes, channel, name=layer.name)
+
+
+def volume_axes(layer, axes: str) -> list[int] | None:
+    """Positions of Z, Y, X among the layer's dimensions when ``axes`` (one letter per
+    layer dimension) has a Z axis; None otherwise."""
+    if "Z" not in axes or len(axes) != layer.ndim:
+        return None
+    return [axes.index(a) for a in "ZYX"]
+
+
+def points_from_voxels(zyx, layer, axes: str, channel: int | None = None) -> np.ndarray:
+    """(N, layer.ndim) Points data in the layer's data frame from (z, y, x) voxels
+    (a C axis gets the channel index)."""
+    zyx = np.asarray(zyx, float).reshape(-1, 3)
+    out = np.zeros((len(zyx), layer.ndim))
+    for i, a in enumerate(axes):
+        if a in "ZYX":
+            out[:, i] = zyx[:, "ZYX".index(a)]
+        elif a == "C":
+            out[:, i] = 0 if channel is None else channel
+    return out
+
+
+def voxels_of_points(data, points_layer, image_layer, axes: str | None = None) -> np.ndarray:
+    """(z, y, x) voxels of the image from a Points layer's data (world = data * scale
+    + translate on either layer; the points layer spans the image's dimensions or
+    its last three)."""
+    axes = axes or default_axes(image_layer)
+    dims = volume_axes(image_layer, axes)
+    if dims is None:
+        raise ValueError(f"{image_layer.name!r}: axes {axes} have no Z axis")
+    c = np.asarray(data, float).reshape(-1, points_layer.ndim)
+    world = c * np.asarray(points_layer.scale) + np.asarray(points_layer.translate)
+    nd = image_layer.ndim
+    if points_layer.ndim < nd:  # napari aligns trailing dimensions
+        pad = np.zeros((len(world), nd - points_layer.ndim))
+        world = np.hstack([pad, world])
+    world = world[:, -nd:]
+    pix = (world - np.asarray(image_layer.translate)) / np.asarray(image_layer.scale)
+    return pix[:, dims]
 
 
 def source_name(layer) -> str:
@@ -133,9 +193,28 @@ def spots_features(spots, n: int | None = None) -> dict[str, np.ndarray]:
     return feats
 
 
+def points_data_from_voxels(zyx, points_layer, image_layer, axes: str | None = None):
+    """Inverse of :func:`voxels_of_points`: (z, y, x) voxels of the image as data of
+    ``points_layer``."""
+    axes = axes or default_axes(image_layer)
+    data = points_from_voxels(zyx, image_layer, axes)
+    world = data * np.asarray(image_layer.scale) + np.asarray(image_layer.translate)
+    world = world[:, image_layer.ndim - points_layer.ndim :]
+    return (world - np.asarray(points_layer.translate)) / np.asarray(points_layer.scale)
+
+
+def world_units(layer) -> str | None:
+    """The unit of the layer's last axis ("micrometer"), None when napari has none."""
+    units = getattr(layer, "units", None)
+    if not units:
+        return None
+    text = str(units[-1])
+    return None if text in ("pixel", "dimensionless", "") else text
+
+
 def set_points(layer, coords, features: dict) -> None:
     """Replace a Points layer's points and features in one go, colours refreshed."""
-    coords = np.asarray(coords, float).reshape(-1, 2)
+    coords = np.asarray(coords, float).reshape(-1, layer.ndim)
     layer.selected_data = set()
     layer.data = coords
     layer.features = pd.DataFrame(features)
