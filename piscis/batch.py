@@ -204,7 +204,24 @@ def _streamed(path: Path, opts) -> object | None:
         plane = open_lazy(path, channel=opts.channel, axes=opts.axes)
     except InputError:
         return None  # the in-memory reader gives the message (or reads what this cannot)
-    return plane if plane.size > opts.stream_pixels else None
+    if plane.size <= opts.stream_pixels or _short_of_pixels(path):
+        return None  # small, or a corrupt size: the in-memory reader and its checks
+    return plane
+
+
+def _short_of_pixels(path: Path) -> bool:
+    """An uncompressed TIFF smaller than the pixels its tags declare (corrupt tags)."""
+    import tifffile
+
+    from .io import tifffile_notes
+
+    try:
+        with tifffile_notes(path), tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            raw = all(int(p.compression) == 1 for p in series.pages if p is not None)
+            return raw and series.nbytes > path.stat().st_size
+    except Exception:
+        return True
 
 
 def _result(job: Job, opts, planes: list) -> Result:

@@ -296,6 +296,11 @@ def link_peaks(peaks: dict, noise: float, min_planes: int = 2) -> list[np.ndarra
 _SQRT2PI = math.sqrt(2.0 * math.pi)
 
 
+# Model evaluations allowed per least-squares fit: a real spot converges in a few tens;
+# noise fitted as spots must not cost seconds each (a bound on the time per spot).
+FIT_MAX_EVALS = 60
+
+
 def _ig_d(c: np.ndarray, mu: float, s: float):
     """Pixel-integrated Gaussian of unit integral and its derivatives in mu and sigma."""
     up, um = (c + 0.5 - mu) / s, (c - 0.5 - mu) / s
@@ -366,7 +371,7 @@ def _fit_gaussians(crop, ok, origin, init, k: int = 1, spread: float = 0.8):
             jac=jac,
             method="lm",
             x_scale=[unit] * k + [unit * peak] + [1.0] * (k + 4),
-            max_nfev=1000,
+            max_nfev=FIT_MAX_EVALS,
         )
     except (ValueError, FloatingPointError):
         return None
@@ -409,7 +414,13 @@ def _skewed_rss(crop, ok, origin, one) -> float | None:
     amp = float(amps[0]) / (math.sqrt(2 * math.pi) * sz)  # integral in z -> peak in z
     p0 = np.array([amp, b, zs[0], y0, x0, w(sz), w(sz), w(sr)], dtype=np.float64)
     try:
-        r = least_squares(resid, p0, method="lm", x_scale=[abs(amp) + 1e-6, 1, 1, 1, 1, 1, 1, 1])
+        r = least_squares(
+            resid,
+            p0,
+            method="lm",
+            x_scale=[abs(amp) + 1e-6, 1, 1, 1, 1, 1, 1, 1],
+            max_nfev=9 * FIT_MAX_EVALS,  # its Jacobian by differences: 9 calls a step
+        )
     except (ValueError, FloatingPointError):
         return None
     return float(np.sum(r.fun**2)) if np.all(np.isfinite(r.x)) else None

@@ -8,6 +8,7 @@ leaves a half-written file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -831,17 +832,24 @@ class _Collect(logging.Handler):
         self.messages.append(record.getMessage().splitlines()[0] if record.msg else "")
 
 
-def _read_tiff(path: Path) -> _Raw:
+@contextlib.contextmanager
+def tifffile_notes(path):
+    """Keep tifffile's log messages (notes on bad tags...) off stderr while reading
+    ``path``: they are logged at debug level under the file's name instead."""
     tiff_log = logging.getLogger("tifffile")
     collect = _Collect()
-    # A handler of our own keeps tifffile's warnings off stderr (no last-resort print).
-    tiff_log.addHandler(collect)
+    tiff_log.addHandler(collect)  # a handler of ours: no last-resort print to stderr
     try:
-        return _read_tiff_quietly(path)
+        yield
     finally:
         tiff_log.removeHandler(collect)
-        for msg in dict.fromkeys(collect.messages):  # tifffile's notes on bad tags
+        for msg in dict.fromkeys(collect.messages):
             logger.debug("%s: tifffile: %s", path, msg)
+
+
+def _read_tiff(path: Path) -> _Raw:
+    with tifffile_notes(path):
+        return _read_tiff_quietly(path)
 
 
 def _read_tiff_quietly(path: Path) -> _Raw:
@@ -908,6 +916,8 @@ def _mapped(tif, series, path: Path):
     dtype = np.dtype(series.dtype).newbyteorder(tif.byteorder)
     if getattr(series, "dataoffset", None) is None or not dtype.isnative:
         return None
+    if series.dataoffset + series.nbytes > path.stat().st_size:
+        return None  # tags declaring more pixels than the file holds: not mapped
     dtype = dtype.newbyteorder("=")
     try:
         data = np.memmap(

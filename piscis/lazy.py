@@ -247,12 +247,15 @@ def _open_zarr(path: Path):
 def _open_tiff(path: Path):
     import tifffile
 
+    from .io import tifffile_notes
+
     zarr = _need_zarr()
     try:
-        tif = tifffile.TiffFile(path)
-        series = tif.series[0]
-        store = series.aszarr(level=0)
-        array = zarr.open(store, mode="r")
+        with tifffile_notes(path):
+            tif = tifffile.TiffFile(path)
+            series = tif.series[0]
+            store = series.aszarr(level=0)
+            array = zarr.open(store, mode="r")
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{path}: not a readable TIFF ({msg})") from None

@@ -181,18 +181,22 @@ def test_c01_batch_with_normal_images_and_too_high_threshold_cli(tmp_path, capsy
 
 @needs_default
 def test_c01d_zyx_noise_stack_api_and_cli(default, tmp_path, capsys):
-    """(d) uint16 10x256x256 ZYX noise. Today the stack is max-projected (with a
-    warning): 0 spots, no exception, exit 0. To re-check once 3D detection is merged."""
+    """(d) uint16 10x256x256 ZYX noise, detected in 3D: 0 spots, no exception, a
+    header-only CSV with the 3D columns, a warning naming the file, exit 0."""
     rng = np.random.default_rng(104)
     stack = _noise(rng, (10, 256, 256))
     path = tmp_path / "zyx.tif"
     tifffile.imwrite(path, stack, imagej=True, metadata={"axes": "ZYX"})
-    plane = read_image(path).image
-    assert plane.shape == (256, 256)
-    assert len(detect(plane, default)) == 0
+    volume = read_image(path).image
+    assert volume.shape == (10, 256, 256)
+    spots = detect(volume, default)
+    assert len(spots) == 0 and spots.coords.shape == (0, 3)
     rc, _, err = _run(capsys, "count", path, "-o", tmp_path / "out")
     assert rc == 0, err
-    assert (tmp_path / "out" / "spots" / "zyx.csv").read_text() == SPOT_HEADER + "\n"
+    header = (tmp_path / "out" / "spots" / "zyx.csv").read_text()
+    assert header.startswith("z," + SPOT_HEADER) and header.count("\n") == 1, header
+    summary = _rows(tmp_path / "out" / "summary.csv")
+    assert summary[0]["n_spots"] == "0" and summary[0]["depth"] == "10"
     assert "no spots detected" in err
 
 

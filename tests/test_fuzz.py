@@ -204,8 +204,22 @@ def test_fuzz_count_folder_of_malformed_files(tmp_path, spotty_model):
     assert proc2.returncode == 0, proc2.stderr[-2000:]
     assert _summary(tmp_path / "out2") == counted
     for csv_path in sorted((tmp_path / "out" / "spots").glob("*.csv")):
-        assert csv_path.read_bytes() == (tmp_path / "out2" / "spots" / csv_path.name).read_bytes()
+        _same_table(csv_path, tmp_path / "out2" / "spots" / csv_path.name)
     assert sum(int(v) for v in counted.values()) > 0  # the model did find 'spots'
+
+
+def _same_table(a: Path, b: Path) -> None:
+    """Byte-identical, or for a z-stack (its 3D fit of noise 'spots' in random data is
+    ill-conditioned) the same rows and columns with values within 1e-3."""
+    if a.read_bytes() == b.read_bytes():
+        return
+    ra, rb = a.read_text().splitlines(), b.read_text().splitlines()
+    assert ra[0] == rb[0] and "z" in ra[0].split(","), (a.name, ra[0])
+    assert len(ra) == len(rb), a.name
+    for la, lb in zip(ra[1:], rb[1:]):
+        for va, vb in zip(la.split(","), lb.split(",")):
+            if va != vb:
+                assert abs(float(va) - float(vb)) <= 1e-3, (a.name, la, lb)
 
 
 def test_memory_guard_refuses_before_reading(tmp_path, monkeypatch):
