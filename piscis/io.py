@@ -514,7 +514,7 @@ def _guess_unknown(shape, letters: str, name: str, channel_hint: bool, source: s
     if out is None:
         out = letters[:i] + "Z" + letters[i + 1 :]
         why = "the pages of a multi-page TIFF are z-planes"
-        if n <= MAX_GUESSED_CHANNELS and n < min(others):
+        if n <= MAX_GUESSED_CHANNELS and n < min(others) and "C" not in letters:
             fix = letters[:i] + "C" + letters[i + 1 :]
             logger.warning(
                 "%s: %d unnamed planes (shape %s) read as z-planes; if they are channels "

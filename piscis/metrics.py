@@ -60,9 +60,32 @@ def match(pred: np.ndarray, true: np.ndarray, cutoff: float) -> tuple[np.ndarray
         return empty
     rows, cols, dist = np.asarray(rows), np.asarray(cols), np.asarray(dist)
 
-    # Restrict the assignment to predictions and spots that have a candidate.
+    # Solve each connected group of candidates on its own (the same optimum as one
+    # assignment over all of them, and a small matrix each, however large the image).
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n_p = len(pred)
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols + n_p)), shape=(n_p + len(true),) * 2)
+    _, label = connected_components(graph, directed=False)
+    group = label[rows]
+    order = np.argsort(group, kind="stable")
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    out_p, out_t = [], []
+    for idx in np.split(order, bounds):
+        p, t = _assign(rows[idx], cols[idx], dist[idx], cutoff)
+        out_p.append(p)
+        out_t.append(t)
+    return np.concatenate(out_p), np.concatenate(out_t)
+
+
+def _assign(rows, cols, dist, cutoff):
+    """The one-to-one assignment among candidate pairs (rows, cols, dist)."""
     ur, ri = np.unique(rows, return_inverse=True)
     uc, ci = np.unique(cols, return_inverse=True)
+    if len(ur) == 1 or len(uc) == 1:  # one spot: its nearest candidate
+        k = int(np.argmin(dist))
+        return ur[ri[k : k + 1]], uc[ci[k : k + 1]]
     forbidden = 1e6 + 10.0 * cutoff * max(len(ur), len(uc))
     cost = np.full((len(ur), len(uc)), forbidden)
     # Each allowed pair is worth far more than any distance, so the number of

@@ -101,9 +101,17 @@ def by_hand(plane, model, crop: int = 4096, overlap: int = 128) -> np.ndarray:
 def compare(a: np.ndarray, b: np.ndarray, cutoff: float = 0.1) -> tuple[float, int]:
     """Largest distance of matched pairs (one to one within ``cutoff``), and the number
     of spots of either set left unmatched."""
-    from piscis.metrics import match
+    from scipy.spatial import cKDTree
 
-    ia, ib = match(a, b, cutoff)
+    # Mutual nearest neighbours within the cutoff: one to one, since spots are more than
+    # 2 cutoffs apart (a Hungarian matching of 200,000 spots would not fit in memory).
+    ia = ib = np.zeros(0, int)
+    if len(a) and len(b):
+        da, ja = cKDTree(b).query(a, distance_upper_bound=cutoff)
+        _, jb = cKDTree(a).query(b, distance_upper_bound=cutoff)
+        hit = np.flatnonzero(np.isfinite(da))
+        hit = hit[jb[ja[hit]] == hit]
+        ia, ib = hit, ja[hit]
     worst = float(np.max(np.hypot(*(a[ia] - b[ib]).T))) if len(ia) else 0.0
     return worst, len(a) - len(ia) + len(b) - len(ib)
 
