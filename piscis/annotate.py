@@ -537,41 +537,86 @@ def split_for_validation(pairs: list, share: float, seed: int = 0) -> tuple[list
 # --------------------------------------------------------------------------- images
 
 
-def axes_choices(shape, rgb: bool = False) -> list[str]:
+def axes_choices(shape, rgb: bool = False, recorded: str | None = None) -> list[str]:
     """The axis orders a displayed array of ``shape`` can be read with (the first is
-    the best guess): only orders with Y and X last (or channels after them)."""
+    the best guess): only orders with Y and X last (or channels after them).
+
+    ``recorded``: the axes a reader gave the array (the piscis reader records them,
+    e.g. ``TZYX`` for a time series of z-stacks), offered first when they can run
+    (:func:`runnable_axes`). This is the only way to a T (time) axis: one time point is
+    detected at a time (``time`` of :func:`image_array` and :func:`plane`).
+    """
     nd = len(shape)
     if nd == 2:
-        return ["YX"]
-    if rgb:
-        return ["YXC"] if nd == 3 else ["Z" * (nd - 3) + "YXC"]
-    if nd == 3:
+        guess = ["YX"]
+    elif rgb:
+        guess = ["YXC"] if nd == 3 else ["Z" * (nd - 3) + "YXC"]
+    elif nd == 3:
         first = shape[0]
         guess = ["CYX", "ZYX"] if first <= 8 and first < min(shape[1:]) else ["ZYX", "CYX"]
-        return guess
-    if nd == 4:
-        return ["ZCYX", "CZYX"] if shape[1] <= shape[0] else ["CZYX", "ZCYX"]
-    return []
+    elif nd == 4:
+        guess = ["ZCYX", "CZYX"] if shape[1] <= shape[0] else ["CZYX", "ZCYX"]
+    else:
+        guess = []
+    if isinstance(recorded, str) and not rgb and runnable_axes(recorded, shape):
+        recorded = recorded.upper()
+        guess = [recorded, *[g for g in guess if g != recorded]]
+    return guess
 
 
-def plane(data, axes: str, channel: int | None = None, name: str = "image") -> np.ndarray:
-    """A 2D (Y, X) plane of a displayed array: the channel picked, a Z axis
-    max-projected (see :func:`piscis.io.to_plane`)."""
+def runnable_axes(axes: str, shape) -> bool:
+    """Whether :func:`image_array` and :func:`plane` run on an array of ``shape`` read
+    with ``axes``: one letter per dimension, each of ``TCZYX`` once, Y and X last (or
+    channels after them)."""
+    axes = str(axes).upper()
+    if len(axes) != len(shape) or len(set(axes)) != len(axes) or set(axes) - set("TCZYX"):
+        return False
+    return axes.replace("T", "").replace("C", "") in ("YX", "ZYX") and (
+        axes.endswith("YX") or axes.endswith("YXC")
+    )
+
+
+def _time_point(data, axes: str, time: int | None, name: str):
+    """``data`` at time point ``time`` (default 0) of a T axis, and the axes left;
+    ``data`` and ``axes`` as they are without a T axis. A lazy array stays lazy (only
+    that time point is read)."""
+    if "T" not in axes:
+        return data, axes
+    i = axes.index("T")
+    n = data.shape[i]
+    t = 0 if time is None else int(time)
+    if not 0 <= t < n:
+        raise ValueError(f"{name}: time point {t} is out of range (0..{n - 1}, axes {axes})")
+    return data[(slice(None),) * i + (t,)], axes.replace("T", "")
+
+
+def plane(
+    data, axes: str, channel: int | None = None, name: str = "image", time: int | None = None
+) -> np.ndarray:
+    """A 2D (Y, X) plane of a displayed array: the time point ``time`` of a T axis
+    (default 0), the channel picked, a Z axis max-projected (see
+    :func:`piscis.io.to_plane`)."""
     if isinstance(data, (list, tuple)):  # a multiscale pyramid: the full resolution
         data = data[0]
+    data, axes = _time_point(data, axes.upper(), time, name)
     data = np.asarray(data)
     if "C" not in axes:
         channel = None
     return to_plane(data, axes, channel=channel, name=name, explicit=True).image
 
 
-def image_array(data, axes: str, channel: int | None = None, name: str = "image"):
-    """The (Y, X) or (Z, Y, X) array of a displayed array: the channel picked, the
-    axes put in Z, Y, X order, no projection. A plain (Y, X) or (Z, Y, X) layer's data
-    is returned as it is (a lazy volume stays lazy)."""
+def image_array(
+    data, axes: str, channel: int | None = None, name: str = "image", time: int | None = None
+):
+    """The (Y, X) or (Z, Y, X) array of a displayed array: the time point ``time`` of a
+    T axis (default 0), the channel picked, the axes put in Z, Y, X order, no
+    projection. A plain (Y, X) or (Z, Y, X) layer's data is returned as it is (a lazy
+    volume stays lazy)."""
     if isinstance(data, (list, tuple)):  # a multiscale pyramid: the full resolution
         data = data[0]
     axes = axes.upper()
+    if len(axes) == len(data.shape):
+        data, axes = _time_point(data, axes, time, name)
     if "C" in axes:
         c = axes.index("C")
         n = data.shape[c]
@@ -583,7 +628,7 @@ def image_array(data, axes: str, channel: int | None = None, name: str = "image"
     if set(axes) - set("ZYX") or len(axes) != len(data.shape) or not axes.endswith("X"):
         raise ValueError(
             f"{name}: axes {axes!r} cannot be detected on (shape {tuple(data.shape)}); "
-            "supported: YX, ZYX, with a C axis anywhere"
+            "supported: YX, ZYX, with a C axis anywhere and a T axis (one time point)"
         )
     order = [axes.index(a) for a in "ZYX" if a in axes]
     if order != list(range(len(order))):

@@ -172,6 +172,7 @@ def test_c03_hot_pixels_on_the_last_slice_are_not_a_spot(model, x0):
     assert _at_patch(coords, x0) == 0  # CASES: at most 1, ideally 0
     inside = np.sum((true[:, 1] < 39.5) & (np.abs(true[:, 2] - x0) < 29.5))
     assert rows[0]["cell_id"] == 7 and rows[0]["n_spots"] == inside
+    assert rows[0]["dense"] is False  # CASES: no cluster/dense call at the hot patch
 
 
 def test_c03_cli_hot_pixels(model, tmp_path, capsys):
@@ -185,6 +186,7 @@ def test_c03_cli_hot_pixels(model, tmp_path, capsys):
     assert abs(len(xyz) - 60) <= 2 and _at_patch(xyz, 254) == 0
     inside = np.sum((true[:, 1] < 39.5) & (true[:, 2] > 199.5))
     assert [(r["cell_id"], int(r["n_spots"])) for r in cell_rows] == [("7", inside)]
+    assert cell_rows[0]["dense"] == "0"  # not flagged dense (CASES: no cluster call there)
     assert len(match3(xyz, true)) >= 58
 
 

@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 
 import piscis
 from piscis import cli, synth
+from piscis.annotate import axes_choices, detect_candidates, image_array, plane, runnable_axes
 from piscis.io import InputError, load_model, read_image, read_planes
 from piscis.napari._io import get_reader
 
@@ -405,13 +406,23 @@ def test_c13_d_plain_multipage_default_is_z_and_logged(c13, tiny_model, tmp_path
     assert "does not name its axes, read as ZYX" in line and "z-planes" in line
 
 
-def test_c13_g_tzcyx_each_time_point_and_channel(model, tmp_path, capsys):
-    counts = {(0, 0): 6, (0, 1): 12, (1, 0): 18, (1, 1): 9}
+C13G_COUNTS = {(0, 0): 6, (0, 1): 12, (1, 0): 18, (1, 1): 9}  # (t, c): spots
+
+
+@pytest.fixture(scope="module")
+def c13g(tmp_path_factory):
+    """(g): an ImageJ TZCYX hyperstack 2x16x2x128x128, its spots per (t, c)."""
     stack = np.zeros((2, 16, 2, 128, 128), np.uint16)
     truth = {}
-    for (t, c), n in counts.items():
+    for (t, c), n in C13G_COUNTS.items():
         stack[t, :, c], truth[t, c] = _volume(100 + 10 * t + c, (16, 128, 128), n)
-    path = _imagej(tmp_path / "g.tif", stack, "TZCYX")
+    path = _imagej(tmp_path_factory.mktemp("c13g") / "g.tif", stack, "TZCYX")
+    return stack, truth, path
+
+
+def test_c13_g_tzcyx_each_time_point_and_channel(c13g, model, tmp_path, capsys):
+    counts = C13G_COUNTS
+    stack, truth, path = c13g
     planes = read_planes(path)
     assert [i for i, _ in planes] == [{"t": t, "c": c} for t in (0, 1) for c in (0, 1)]
     for i, data in planes:
@@ -433,6 +444,56 @@ def test_c13_g_tzcyx_each_time_point_and_channel(model, tmp_path, capsys):
         assert int(r["n_spots"]) == len(mine)
         assert abs(len(mine) - counts[t, c]) <= 1, (t, c, len(mine))
         assert _n_matched(_coords(mine), truth[t, c]) >= counts[t, c] - 1
+
+
+def test_c13_c_tyx_file_offers_time_first_and_reads_one_frame(c13):
+    vol, _, files = c13
+    ((data, kwargs, _),) = get_reader(str(files["c"]))(str(files["c"]))
+    recorded = kwargs["metadata"]["piscis"]["axes"]
+    assert recorded == "TYX"
+    choices = axes_choices(data.shape, recorded=recorded)
+    assert choices[0] == "TYX"  # not ZYX: 32 frames are not one 3D stack by default
+    assert "ZYX" in choices  # the override for a mislabelled z-stack
+    for axes in choices:  # every order offered runs
+        assert runnable_axes(axes, data.shape)
+        assert plane(data, axes, channel=0, time=3).shape == (256, 256)
+    np.testing.assert_array_equal(plane(data, "TYX", time=5), vol[5])
+    np.testing.assert_array_equal(image_array(data, "TYX"), vol[0])  # no time given: t=0
+    with pytest.raises(ValueError, match=r"time point 32 is out of range \(0..31"):
+        plane(data, "TYX", time=32)
+
+
+def test_c13_g_tzyx_layers_offer_the_recorded_axes_and_run_one_time_point(c13g):
+    pytest.importorskip("napari")
+    from types import SimpleNamespace
+
+    from napari.layers import Image
+
+    from piscis.napari import _layers
+
+    stack, _, path = c13g
+    for data, kwargs, _ in get_reader(str(path))(str(path)):
+        layer = Image(data, **kwargs)
+        c = kwargs["metadata"]["piscis"]["channel"]
+        choices = _layers.layer_axes_choices(layer)
+        assert choices[0] == "TZYX"  # time is not read as channels
+        for axes in choices:  # only orders that run
+            assert runnable_axes(axes, data.shape)
+            assert _layers.layer_image(layer, axes, 0, time=1).ndim == 3
+        np.testing.assert_array_equal(_layers.layer_image(layer, "TZYX", 0, 1), stack[1, :, c])
+        np.testing.assert_array_equal(_layers.layer_image(layer, "TZYX", 0), stack[0, :, c])
+        np.testing.assert_array_equal(
+            _layers.layer_plane(layer, "TZYX", 0, 1), stack[1, :, c].max(axis=0)
+        )
+    # The time point shown: the viewer's position along T, in the layer's frame.
+    viewer = SimpleNamespace(dims=SimpleNamespace(point=(1.0, 7.0, 0.0, 0.0)))
+    assert _layers.current_index(viewer, layer, 0) == 1
+    assert _layers.current_index(SimpleNamespace(), layer, 0) is None  # no viewer step
+    pts = _layers.points_from_voxels([[2.0, 3.0, 4.0]], layer, "TZYX", time=1)
+    np.testing.assert_array_equal(pts, [[1.0, 2.0, 3.0, 4.0]])
+    tyx = Image(np.zeros((4, 8, 8)), metadata={"piscis": {"axes": "TYX"}})
+    pts = _layers.points_from_voxels([[3.0, 4.0]], tyx, "TYX", time=2)
+    np.testing.assert_array_equal(pts, [[2.0, 3.0, 4.0]])
 
 
 # --------------------------------------------------------------------------- C19
@@ -483,8 +544,11 @@ def test_c19_last_axis_is_channels_not_z_or_x(c19, key, caplog):
         read_image(files[key])
     np.testing.assert_array_equal(read_image(files[key], channel=1).image, ref[..., 1])
     layers = get_reader(str(files[key]))(str(files[key]))
-    assert len(layers) == (4 if key == "rgba8" else 3)
-    assert all(d.shape == (512, 672) for d, _, _ in layers)
+    assert len(layers) == 3  # as the CLI: an opaque alpha is dropped
+    assert [kw["metadata"]["piscis"]["channel"] for _, kw, _ in layers] == [0, 1, 2]
+    for (data, _, _), k in zip(layers, range(3)):
+        assert data.shape == (512, 672)
+        np.testing.assert_array_equal(data, ref[..., k])
 
 
 def test_c19_unlabelled_yxc_pages_and_grey_rgb_warns(tmp_path, caplog):
@@ -527,7 +591,25 @@ def test_c19_green_30_red_0_api_and_cli(c19, model, tmp_path, capsys):
     np.testing.assert_allclose(_coords(mine, "yx"), green.coords, atol=1e-3)
 
 
-def test_c09_napari_viewer_opens_the_hyperstack_and_detects_40_spots(c09, request):
+def test_c19_plugin_layers_green_30_red_0(c19, model):
+    """The reader's layers through piscis.annotate, as the Detect widget runs them."""
+    _, _, coords, files = c19
+    for key in ("rgb48", "rgba8"):
+        layers = get_reader(str(files[key]))(str(files[key]))
+        assert len(layers) == 3, key  # RGBA: the opaque alpha is no layer
+        found = []
+        for data, kwargs, _ in layers[:2]:  # red, green
+            axes = axes_choices(data.shape, recorded=kwargs["metadata"]["piscis"]["axes"])[0]
+            assert axes == "YX"
+            found.append(detect_candidates(plane(data, axes), model).at(model.threshold))
+        red, green = found
+        assert abs(len(green) - 30) <= 1, (key, len(green))
+        assert _n_matched(green.coords, coords) >= 29, key
+        assert len(red) <= 1, (key, len(red))
+
+
+def _piscis_viewer(request):
+    """A napari viewer (not shown) with the piscis plugin registered."""
     import os
 
     if not (os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM") == "offscreen"):
@@ -541,6 +623,11 @@ def test_c09_napari_viewer_opens_the_hyperstack_and_detects_40_spots(c09, reques
         pm.get_manifest("piscis")
     except KeyError:
         pm.register(npe2.PluginManifest.from_distribution("piscis"))
+    return viewer
+
+
+def test_c09_napari_viewer_opens_the_hyperstack_and_detects_40_spots(c09, request):
+    viewer = _piscis_viewer(request)
     zcyx, _, files = c09
     layers = viewer.open(str(files["ZCYX"]), plugin="piscis")
     assert [type(la).__name__ for la in layers] == ["Image", "Image"]
@@ -561,3 +648,55 @@ def test_c09_napari_viewer_opens_the_hyperstack_and_detects_40_spots(c09, reques
     _, coords, _ = c09
     n = _n_matched(points.data, coords)
     assert n >= 39 and abs(len(points.data) - 40) <= 2, (len(points.data), n)
+
+
+def test_c13_g_napari_detect_runs_on_the_time_point_shown(c13g, request):
+    viewer = _piscis_viewer(request)
+    stack, truth, path = c13g
+    layers = viewer.open(str(path), plugin="piscis")
+    assert [la.metadata["piscis"]["axes"] for la in layers] == ["TZYX", "TZYX"]
+    qtbot = request.getfixturevalue("qtbot")
+    _, detect = viewer.window.add_plugin_dock_widget("piscis", "Detect spots")
+    detect.image.set_layer(layers[1])
+    assert detect.axes.currentText() == "TZYX"  # not CZYX: time read as channels
+    t_axis = viewer.dims.ndim - layers[1].ndim  # the layer's T among the viewer's dims
+    viewer.dims.set_current_step(t_axis, 1)  # the viewer shows time point 1
+    detect.run()
+    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    points = detect.points_layer
+    assert points.name == f"{layers[1].name} spots [t1]" and points.ndim == 4
+    assert points.metadata["piscis"]["t"] == 1
+    np.testing.assert_array_equal(points.data[:, 0], 1)  # shown on time point 1
+    n = _n_matched(points.data[:, 1:], truth[1, 1])
+    assert abs(len(points.data) - C13G_COUNTS[1, 1]) <= 1 and n >= C13G_COUNTS[1, 1] - 1, (
+        len(points.data),
+        n,
+    )
+
+
+def test_c13_c_napari_tyx_detects_the_frame_shown(c13, model, request, tmp_path):
+    from piscis.napari._io import write_points
+
+    viewer = _piscis_viewer(request)
+    vol, _, files = c13
+    (layer,) = viewer.open(str(files["c"]), plugin="piscis")
+    qtbot = request.getfixturevalue("qtbot")
+    _, detect = viewer.window.add_plugin_dock_widget("piscis", "Detect spots")
+    detect.image.set_layer(layer)
+    assert detect.axes.currentText() == "TYX"  # not ZYX: one frame, not a 3D stack
+    viewer.dims.set_current_step(viewer.dims.ndim - layer.ndim, 5)
+    detect.run()
+    qtbot.waitUntil(lambda: detect._worker is None, timeout=120_000)
+    points = detect.points_layer
+    assert points.name == f"{layer.name} spots [t5]" and points.ndim == 3
+    np.testing.assert_array_equal(points.data[:, 0], 5)
+    ref = detect_candidates(vol[5], model).at(detect.threshold.value())
+    assert len(points.data) == len(ref) > 0
+    assert _n_matched(points.data[:, 1:], ref.coords, tol=1e-3) == len(ref)
+    # Saved, the T coordinate is a t column (not z).
+    data, attrs, _ = points.as_layer_data_tuple()
+    (out,) = write_points(str(tmp_path / "t5.csv"), data, attrs)
+    columns, rows = _table(Path(out))
+    assert columns[:3] == ["y", "x", "t"] and "z" not in columns
+    assert {r["t"] for r in rows} == {"5"}
+    np.testing.assert_allclose(_coords(rows, "yx"), points.data[:, 1:], atol=1e-3)

@@ -51,7 +51,7 @@ class DetectWidget(WorkerMixin, QWidget):
         self.axes = QComboBox()
         self.axes.setToolTip(
             "How the image's axes are read: C = channels, Z = planes of a volume (3D "
-            "detection, 3D points)"
+            "detection, 3D points), T = time points (the one shown in the viewer is detected)"
         )
         self.channel = QSpinBox()
         self.channel.setRange(0, 0)
@@ -152,8 +152,12 @@ class DetectWidget(WorkerMixin, QWidget):
             notify_error("piscis: no model; choose a model folder with Browse...")
             return
         axes, channel = self.axes.currentText(), self.channel.value()
+        t = None
+        if "T" in axes:  # one time point: the one the viewer shows, else the first
+            t = _layers.current_index(self.viewer, layer, axes.index("T"))
+            t = 0 if t is None else t
         try:
-            img = _layers.layer_image(layer, axes, channel)
+            img = _layers.layer_image(layer, axes, channel, t)
         except ValueError as e:
             notify_error(f"piscis: {e}")
             self.status.setText(str(e))
@@ -197,10 +201,13 @@ class DetectWidget(WorkerMixin, QWidget):
             return cands, model.threshold, model.name
 
         self.run_button.setEnabled(False)
-        self.status.setText(f"Detecting spots in {layer.name}...")
+        at = "" if t is None else f" at time point {t}"
+        self.status.setText(f"Detecting spots in {layer.name}{at}...")
         self._pbar = progress(total=0, desc="piscis: detecting")
         worker = create_worker(work, _start_thread=False)
-        frame = (axes, channel) if volume else None
+        # Points over all the layer's dimensions for a volume or a time point (the
+        # time point's T coordinate shows them on that frame); 2D points otherwise.
+        frame = (axes, channel, t) if volume or t is not None else None
         worker.returned.connect(lambda r: self._on_result(r, layer, img.shape, frame))
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
@@ -234,10 +241,12 @@ class DetectWidget(WorkerMixin, QWidget):
             self.result_shown = (t0, time.perf_counter())
 
     def _show_result(self, result, image_layer, shape, frame=None):
-        """``frame``: (axes, channel) of a volume (3D points over all the image layer's
-        dimensions, with its scale and translate); None for a 2D plane."""
+        """``frame``: (axes, channel, time) of a volume or of a time point (points over
+        all the image layer's dimensions, with its scale and translate; a T axis holds
+        the time point, which the layer name ends with, ``[t3]``); None for a 2D plane."""
         cands, threshold, model_name = result
-        name = f"{image_layer.name} spots"
+        t = frame[2] if frame is not None else None
+        name = f"{image_layer.name} spots" + ("" if t is None else f" [t{t}]")
         ndim = image_layer.ndim if frame is not None else 2
         aligned = (
             {"scale": tuple(image_layer.scale), "translate": tuple(image_layer.translate)}
@@ -271,6 +280,8 @@ class DetectWidget(WorkerMixin, QWidget):
         md.update(role="detections", image=image_layer.name, model=model_name, shape=tuple(shape))
         if frame is not None:
             md["axes"] = frame[0]
+        if t is not None:
+            md["t"] = t
         self._result = {"candidates": cands, "points": points, "image": image_layer}
         self._result["frame"] = frame
         if getattr(cands, "n_nonfinite", 0):
@@ -298,6 +309,8 @@ class DetectWidget(WorkerMixin, QWidget):
         _layers.meta(points)["threshold"] = float(threshold)
         self.last_update_s = time.perf_counter() - t0
         text = f"{len(spots)} spots at threshold {threshold:.2f} in {self._result['image'].name}"
+        if frame is not None and frame[2] is not None:
+            text += f" at time point {frame[2]}"
         n_bad = getattr(cands, "n_nonfinite", 0)
         if n_bad:
             text += f" ({n_bad} non-finite pixels ignored)"

@@ -60,10 +60,14 @@ def image_layers(stack) -> list:
 
     The channel axis (from the file's metadata or the documented defaults, see the
     README on input axes) is split off, so each layer is (Z, Y, X), (Y, X), or with a
-    time axis (T, Z, Y, X) / (T, Y, X). The scale is the voxel size in micrometres when
-    the file gives it (1 per pixel otherwise). ``metadata["piscis"]`` holds the layer's
-    ``axes``, ``spacing`` (None when unknown), ``channel`` and ``source``.
+    time axis (T, Z, Y, X) / (T, Y, X). An opaque alpha channel (RGBA, the fourth of
+    four channels constant) is dropped, as the CLI does. The scale is the voxel size in
+    micrometres when the file gives it (1 per pixel otherwise). ``metadata["piscis"]``
+    holds the layer's ``axes``, ``spacing`` (None when unknown), ``channel`` and
+    ``source``.
     """
+    from ..io import _is_alpha
+
     data, axes = stack.data, stack.axes
     stem = Path(stack.name).name
     for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".btf", ".tf8"):
@@ -76,6 +80,8 @@ def image_layers(stack) -> list:
     spacing = tuple(float(stack.spacing[a]) for a in spatial) if known else None
     scale = tuple(1.0 for a in rest if a == "T") + (spacing or (1.0,) * len(spatial))
     channels = [None] if "C" not in axes else list(range(data.shape[axes.index("C")]))
+    if len(channels) == 4 and _is_alpha(data.take(3, axis=axes.index("C"))):
+        channels = channels[:3]  # RGBA with an opaque alpha: the colour channels
     layers = []
     for c in channels:
         arr = data if c is None else data.take(c, axis=axes.index("C"))
@@ -157,10 +163,15 @@ def write_points(path: str, data, attributes: dict) -> list[str]:
     data = np.asarray(data, float)
     nd = data.shape[1] if data.ndim == 2 and data.size else int(attributes.get("ndim", 2))
     data = data.reshape(-1, nd)
-    if nd > 3:
+    feats = {}
+    axes = ((attributes.get("metadata") or {}).get("piscis") or {}).get("axes")
+    if isinstance(axes, str) and len(axes) == nd and "T" in axes:
+        # Detections of one time point: the T coordinate is a t column, not z.
+        feats["t"] = np.round(data[:, axes.index("T")]).astype(np.int64)
+        data = data[:, [axes.index(a) for a in "ZYX" if a in axes]]
+    elif nd > 3:
         data = data[:, -3:]
     features = attributes.get("features")
-    feats = {}
     if features is not None and len(features.columns):
         for col in features.columns:
             values = np.asarray(features[col])

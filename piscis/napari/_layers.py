@@ -59,9 +59,10 @@ def from_pixels(pixels, layer, image_layer) -> np.ndarray:
 
 def layer_axes_choices(layer) -> list[str]:
     """:func:`piscis.annotate.axes_choices` of a layer, the axes its reader recorded
-    (``metadata["piscis"]["axes"]``, e.g. a 6-plane ZYX stack) first."""
-    choices = axes_choices(layer_shape(layer), getattr(layer, "rgb", False))
+    (``metadata["piscis"]["axes"]``, e.g. a 6-plane ZYX stack or a TZYX time series)
+    first when they can run."""
     known = meta(layer).get("axes")
+    choices = axes_choices(layer_shape(layer), getattr(layer, "rgb", False), recorded=known)
     if isinstance(known, str) and known in choices:
         choices = [known, *[c for c in choices if c != known]]
     return choices
@@ -79,20 +80,42 @@ def layer_shape(layer) -> tuple[int, ...]:
     return tuple(data.shape)
 
 
-def layer_plane(layer, axes: str | None = None, channel: int | None = None) -> np.ndarray:
-    """The 2D (Y, X) plane of an image layer (a Z axis max-projected)."""
+def layer_plane(
+    layer, axes: str | None = None, channel: int | None = None, time: int | None = None
+) -> np.ndarray:
+    """The 2D (Y, X) plane of an image layer (a Z axis max-projected; time point
+    ``time`` of a T axis, default 0)."""
     axes = axes or default_axes(layer)
-    return plane(layer.data, axes, channel, name=layer.name)
+    return plane(layer.data, axes, channel, name=layer.name, time=time)
 
 
-def layer_image(layer, axes: str | None = None, channel: int | None = None):
+def layer_image(
+    layer, axes: str | None = None, channel: int | None = None, time: int | None = None
+):
     """What the detector runs on: the (Y, X) plane of a 2D layer, the (Z, Y, X) volume
-    of a layer with a Z axis (not projected; a lazy array stays lazy). RGB layers
-    give their plane."""
+    of a layer with a Z axis (not projected; a lazy array stays lazy), at time point
+    ``time`` of a T axis (default 0). RGB layers give their plane."""
     axes = axes or default_axes(layer)
     if getattr(layer, "rgb", False) or "Z" not in axes:
-        return layer_plane(layer, axes, channel)
-    return image_array(layer.data, axes, channel, name=layer.name)
+        return layer_plane(layer, axes, channel, time)
+    return image_array(layer.data, axes, channel, name=layer.name, time=time)
+
+
+def current_index(viewer, layer, axis: int) -> int | None:
+    """The layer's index along its dimension ``axis`` at the viewer's current position
+    (``viewer.dims``: its sliders' steps in world coordinates, mapped through the
+    layer's transform), within the layer; None when the viewer has no position."""
+    point = getattr(getattr(viewer, "dims", None), "point", None)
+    if point is None or len(point) == 0:
+        return None
+    try:
+        pos = float(np.asarray(layer.world_to_data(point), float)[axis])
+    except (AttributeError, IndexError, TypeError, ValueError):
+        return None
+    if not np.isfinite(pos):
+        return None
+    n = layer_shape(layer)[axis]
+    return int(np.clip(np.floor(pos + 0.5), 0, n - 1))
 
 
 def volume_axes(layer, axes: str) -> list[int] | None:
@@ -103,16 +126,22 @@ def volume_axes(layer, axes: str) -> list[int] | None:
     return [axes.index(a) for a in "ZYX"]
 
 
-def points_from_voxels(zyx, layer, axes: str, channel: int | None = None) -> np.ndarray:
-    """(N, layer.ndim) Points data in the layer's data frame from (z, y, x) voxels
-    (a C axis gets the channel index)."""
-    zyx = np.asarray(zyx, float).reshape(-1, 3)
+def points_from_voxels(
+    zyx, layer, axes: str, channel: int | None = None, time: int | None = None
+) -> np.ndarray:
+    """(N, layer.ndim) Points data in the layer's data frame from (z, y, x) voxels, or
+    (y, x) pixels when ``axes`` have no Z (a C axis gets the channel index, a T axis
+    the time point, 0 by default)."""
+    spatial = "ZYX" if "Z" in axes else "YX"
+    zyx = np.asarray(zyx, float).reshape(-1, len(spatial))
     out = np.zeros((len(zyx), layer.ndim))
     for i, a in enumerate(axes):
-        if a in "ZYX":
-            out[:, i] = zyx[:, "ZYX".index(a)]
+        if a in spatial:
+            out[:, i] = zyx[:, spatial.index(a)]
         elif a == "C":
             out[:, i] = 0 if channel is None else channel
+        elif a == "T":
+            out[:, i] = 0 if time is None else time
     return out
 
 
