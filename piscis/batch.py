@@ -41,6 +41,7 @@ __all__ = [
     "Result",
     "RunState",
     "dask_client",
+    "local_cluster",
     "run_band",
     "run_dask",
     "run_image",
@@ -432,14 +433,36 @@ class _TileBar:
             self.bar.close()
 
 
-def dask_client(scheduler: str | None = None, workers: int | None = None):
-    """A dask.distributed client: of a running scheduler, or of a new local cluster.
+def local_cluster(n_workers: int | None = None, **kwargs):
+    """A dask.distributed LocalCluster as piscis runs one: ``n_workers`` processes of
+    one thread each, bound to 127.0.0.1, without a dashboard.
 
-    The local cluster has ``workers`` processes of one thread each, bound to
-    127.0.0.1, without a dashboard.
+    Dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``; fixing that
+    glibc setting also fixes its mmap threshold, so that every array over 128 kB is
+    mapped and unmapped afresh, which made detection about 25% slower in a worker
+    (measured: 30 images of 1024 x 1024, 36.1 s against 28.7 s). The workers here get
+    glibc's own adaptive thresholds.
     """
+    import dask
+    from distributed import LocalCluster
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the workers inherit it
+    options = dict(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    )
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        return LocalCluster(**(options | kwargs))
+
+
+def dask_client(scheduler: str | None = None, workers: int | None = None):
+    """A dask.distributed client: of a running scheduler, or of a new local cluster
+    (:func:`local_cluster`)."""
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError:
         msg = "--scheduler and --workers need dask.distributed: pip install 'piscis[dask]'"
         raise InputError(msg) from None
@@ -448,15 +471,7 @@ def dask_client(scheduler: str | None = None, workers: int | None = None):
             return Client(scheduler, timeout="30s")
         except (OSError, TimeoutError) as e:
             raise InputError(f"--scheduler {scheduler}: cannot connect ({e})") from None
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the workers inherit it
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-    )
+    cluster = local_cluster(workers, silence_logs=logging.ERROR)
     client = Client(cluster)
     client._piscis_cluster = cluster  # closed with the client by run_dask's caller
     return client

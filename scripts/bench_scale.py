@@ -197,19 +197,12 @@ def part_large(work: Path, size: int, n_spots: int, tiles: tuple[int, int]) -> N
 
 def _cluster_run(folder: Path, out: Path, n_workers: int) -> tuple[float, list[float], int]:
     """``piscis count --scheduler`` on a fresh local cluster: wall, peak RSS per process."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
+
+    from piscis.batch import local_cluster
 
     os.environ["OMP_NUM_THREADS"] = "1"
-    with (
-        LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=None,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster(n_workers) as cluster, Client(cluster) as client:
         client.run(lambda: __import__("piscis.detect"))  # workers started, torch imported
         rc, wall, peak, err = run_count(
             [str(folder), "-o", str(out), "-q", "--scheduler", cluster.scheduler_address]

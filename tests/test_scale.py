@@ -202,16 +202,10 @@ def test_streamed_spots_equal_tiles_cut_by_hand(tmp_path, model):
 
 @pytest.fixture(scope="module")
 def cluster():
-    distributed = pytest.importorskip("distributed")
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    with distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        silence_logs=50,
-    ) as c:
+    pytest.importorskip("distributed")
+    from piscis.batch import local_cluster
+
+    with local_cluster(2, silence_logs=50) as c:
         yield c
 
 
@@ -248,6 +242,18 @@ def test_scheduler_run_gives_the_serial_files(cluster, folder, serial, tmp_path,
     with Client(cluster.scheduler_address) as client:
         loads = client.run(lambda: __import__("piscis.batch").batch.MODEL_LOADS)
     assert sorted(loads.values()) in ([1, 1], [0, 1])  # once per worker, not per task
+
+
+def test_local_cluster_workers_keep_the_adaptive_malloc_thresholds(cluster):
+    """Dask's nanny fixes MALLOC_TRIM_THRESHOLD_ (and so glibc's mmap threshold),
+    which slows detection in a worker by about a quarter; piscis's clusters unset it."""
+    from distributed import Client
+
+    with Client(cluster.scheduler_address) as client:
+        env = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        threads = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+    assert set(env.values()) == {None}
+    assert set(threads.values()) == {"1"}
 
 
 def test_killed_worker_mid_run_every_result_is_there(cluster, folder, serial, tmp_path):
