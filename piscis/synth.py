@@ -40,6 +40,11 @@ class SynthConfig:
     stripe_fraction: float = 0.15
     dim_fraction: float = 0.4  # share with a population of dim, unannotated spots
     min_separation: float = 1.5  # px between spot centres
+    # Share of images that also hold pairs of equally bright spots 2.2-5 px apart (at
+    # least 2.2 sigma: a dip between them), to teach the network to split them.
+    pair_fraction: float = 0.0
+    # Share of images with a crowded patch: spots 2.2 sigma-3.2 px apart, packed.
+    dense_fraction: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -123,6 +128,41 @@ def _positions(rng, shape, n, min_sep, clusters: bool) -> np.ndarray:
     return np.asarray(pts, dtype=float).reshape(-1, 2)
 
 
+def _pairs(rng, shape, base_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """2-8 pairs of spots of one width, each pair 2.2 sigma to 5 px apart."""
+    h, w = shape
+    k = int(rng.integers(2, 9))
+    sigma = np.full(k, min(base_sigma, 1.6)) * rng.uniform(0.9, 1.1, k)
+    sep = rng.uniform(np.maximum(2.2 * sigma, 2.0), 5.0)
+    angle = rng.uniform(0, np.pi, k)
+    half = 0.5 * sep[:, None] * np.stack([np.sin(angle), np.cos(angle)], 1)
+    centre = rng.uniform([2.0, 2.0], [h - 3.0, w - 3.0], (k, 2))
+    coords = np.stack([centre - half, centre + half], 1).reshape(-1, 2)
+    coords = np.clip(coords, -0.5, np.array([h, w]) - 0.501)
+    return coords, np.repeat(sigma, 2)
+
+
+def _dense_patch(rng, shape, base_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """A square patch of 12-32 px packed with spots of one width, at least
+    max(2.2 sigma, 2.2 px) apart (darts thrown until 30 in a row miss)."""
+    h, w = shape
+    sigma = min(base_sigma, 1.4)
+    gap = rng.uniform(max(2.2 * sigma, 2.2), max(2.2 * sigma, 2.2) + 1.0)
+    side = rng.uniform(12, min(32, h - 4, w - 4))
+    origin = rng.uniform([1.0, 1.0], [h - side - 2.0, w - side - 2.0])
+    pts: list[np.ndarray] = []
+    misses = 0
+    while misses < 30:
+        p = origin + rng.uniform(0, side, 2)
+        if pts and np.min(np.sum((np.asarray(pts) - p) ** 2, axis=1)) < gap**2:
+            misses += 1
+            continue
+        pts.append(p)
+        misses = 0
+    coords = np.asarray(pts, dtype=float).reshape(-1, 2)
+    return coords, np.full(len(coords), sigma) * rng.uniform(0.95, 1.05, len(coords))
+
+
 def generate(
     rng: np.random.Generator, config: SynthConfig | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -186,6 +226,21 @@ def generate_spots(
     snrs = np.exp(np.clip(centre + rng.normal(0, 0.5, len(coords)), log_lo, log_hi))
     # Dim spots need width to be seen: keep the matched-filter SNR above 5.5.
     snrs = np.maximum(snrs, 5.5 / (np.sqrt(np.pi) * sigmas))
+    if cfg.pair_fraction > 0 and rng.random() < cfg.pair_fraction:
+        pairs, pair_sigmas = _pairs(rng, shape, base_sigma)
+        coords = np.concatenate([coords, pairs])
+        sigmas = np.concatenate([sigmas, pair_sigmas])
+        pair_snr = np.exp(rng.normal(centre, 0.3, len(pairs) // 2))
+        snrs = np.concatenate([snrs, np.repeat(pair_snr, 2)])
+        snrs = np.clip(snrs, 5.5 / (np.sqrt(np.pi) * sigmas), np.exp(log_hi))
+    if cfg.dense_fraction > 0 and rng.random() < cfg.dense_fraction:
+        packed, packed_sigmas = _dense_patch(rng, shape, base_sigma)
+        coords = np.concatenate([coords, packed])
+        sigmas = np.concatenate([sigmas, packed_sigmas])
+        packed_snr = np.exp(rng.normal(centre, 0.3, len(packed)))
+        snrs = np.concatenate(
+            [snrs, np.maximum(packed_snr, 5.5 / (np.sqrt(np.pi) * packed_sigmas))]
+        )
     if len(coords) and rng.random() < cfg.dim_fraction:
         n_dim = rng.poisson(len(coords) * rng.uniform(0.3, 1.5))
         dim = _positions(rng, shape, n_dim, cfg.min_separation, False)

@@ -35,6 +35,7 @@ from .io import LoadedModel, load_model, save_model
 from .loss import total_loss
 from .metrics import mean_scores, score
 from .model import SpotNet, fuse_batchnorm
+from .synth import SynthConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ class _Batches(torch.utils.data.IterableDataset):
         self.pairs, self.cfg = pairs, cfg
         w = np.ones(len(pairs)) if weights is None else np.asarray(weights, float)
         self.weights = w / w.sum() if len(pairs) else w
+        # Settings of the generator other than its defaults (config "extra"/"synth").
+        options = dict(cfg.extra.get("synth", {}))
+        self.synth = SynthConfig(shape=(cfg.crop, cfg.crop), **options) if options else None
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -79,7 +83,7 @@ class _Batches(torch.utils.data.IterableDataset):
             items = []
             for _ in range(cfg.batch_size):
                 if rng.random() < synth_frac:
-                    items.append(sample_synthetic(rng, cfg.crop))
+                    items.append(sample_synthetic(rng, cfg.crop, self.synth))
                 else:
                     pair = self.pairs[rng.choice(len(self.pairs), p=self.weights)]
                     items.append(

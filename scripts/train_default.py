@@ -16,6 +16,7 @@ the right halves or the ``tissue_*`` images (kept for reporting).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -84,6 +85,26 @@ def synthetic_val(n: int = 8, seed: int = 12345) -> list[Pair]:
     return out
 
 
+def set_decoding(model_dir: Path, threshold: float | None, min_snr: float | None, val) -> None:
+    """Write a chosen threshold (with the validation figures at it) and significance
+    floor into a model folder's config and card, through temporary files and renames."""
+    from piscis.io import atomic_write_text, load_model
+    from piscis.train import evaluate_pairs, model_card
+
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    if threshold is not None:
+        config["threshold"] = threshold
+        config["training"]["threshold_tuned_on"] = "set by --threshold"
+        if val:
+            figures = evaluate_pairs(load_model(model_dir), val, threshold)
+            config.setdefault("metrics", {})["validation"] = figures
+    if min_snr is not None:
+        config["min_snr"] = min_snr
+    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(model_dir / "README.md", model_card(config))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", default=str(ROOT / "models" / "default"))
@@ -96,7 +117,32 @@ def main(argv=None) -> int:
     ap.add_argument("--init", default=None, help="model folder to continue from")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--synthetic-fraction", type=float, default=0.5)
+    ap.add_argument(
+        "--pair-fraction",
+        type=float,
+        default=0.0,
+        help="share of synthetic images that also hold close pairs of spots (2.2 sigma-5 px)",
+    )
+    ap.add_argument(
+        "--dense-fraction",
+        type=float,
+        default=0.0,
+        help="share of synthetic images with a crowded patch of spots (2.2 sigma-3.2 px apart)",
+    )
     ap.add_argument("--keep", choices=["best", "last"], default="best")
+    ap.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after this many epochs of the --epochs learning-rate schedule",
+    )
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="the model's spot threshold (default: chosen on the validation pairs)",
+    )
+    ap.add_argument("--min-snr", type=float, default=None, help="the model's significance floor")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
@@ -109,6 +155,12 @@ def main(argv=None) -> int:
     data = Path(args.data)
     pairs, val, weights = real_pairs(data) if data.is_dir() else ([], [], [])
     val += synthetic_val()
+    # Generator settings other than its defaults (recorded in the model's config).
+    synth = {
+        k: v
+        for k, v in (("pair_fraction", args.pair_fraction), ("dense_fraction", args.dense_fraction))
+        if v
+    }
     cfg = TrainConfig(
         epochs=args.epochs,
         steps_per_epoch=args.steps,
@@ -118,7 +170,7 @@ def main(argv=None) -> int:
         synthetic_fraction=args.synthetic_fraction,
         lr=args.lr,
         keep=args.keep,
-        extra={"pair_weights": weights},
+        extra={"pair_weights": weights} | ({"synth": synth} if synth else {}),
     )
     out = Path(args.output)
     ckpt = out.with_name(out.name + ".ckpt")
@@ -155,10 +207,15 @@ def main(argv=None) -> int:
         overwrite=args.overwrite,
         progress=progress,
         description=description,
-        tune_threshold=True,
+        tune_threshold=args.threshold is None,
         pair_weights=weights,
+        should_stop=(lambda: bar.n >= args.stop_after * cfg.steps_per_epoch)
+        if args.stop_after
+        else None,
     )
     bar.close()
+    if args.threshold is not None or args.min_snr is not None:
+        set_decoding(out, args.threshold, args.min_snr, val)
     shutil.rmtree(ckpt, ignore_errors=True)
     print(f"wrote {out}")
     return 0

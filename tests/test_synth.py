@@ -41,3 +41,29 @@ def test_spot_image_and_noise_image_follow_the_cases_conventions():
     assert d[np.triu_indices(10, 1)].min() >= 6
     noise = noise_image(rng, (256, 256))
     assert abs(noise.mean() - 100) < 1 and abs(noise.std() - np.sqrt(125)) < 0.5
+
+
+def test_close_pairs_and_crowded_patches_stay_resolvable():
+    """The training options for crowded spots: pairs 2.2 sigma-5 px apart and packed
+    patches, every neighbour at least 2.2 sigma away (a dip between them)."""
+    from piscis.synth import _dense_patch, _pairs, generate_spots
+
+    rng = np.random.default_rng(5)
+    for base_sigma in (0.7, 1.0, 1.5, 2.0):
+        coords, sigma = _pairs(rng, (96, 96), base_sigma)
+        sep = np.hypot(*(coords[0::2] - coords[1::2]).T)
+        assert len(sep) >= 2 and np.all(sep <= 5.0 + 1e-9)
+        assert np.all(sep >= np.maximum(2.2 * sigma[0::2], 2.0) - 1e-9)
+        coords, sigma = _dense_patch(rng, (96, 96), base_sigma)
+        d = np.hypot(*(coords[:, None] - coords[None]).transpose(2, 0, 1))
+        np.fill_diagonal(d, np.inf)
+        assert len(coords) >= 5 and np.ptp(coords, axis=0).max() <= 32
+        assert d.min() >= max(2.2 * min(base_sigma, 1.4), 2.2) - 1e-9
+    # Off by default: the generator draws the same images as without the options.
+    a = generate_spots(np.random.default_rng(9), SynthConfig(shape=(64, 64)))
+    b = generate_spots(
+        np.random.default_rng(9), SynthConfig(shape=(64, 64), pair_fraction=0, dense_fraction=0)
+    )
+    np.testing.assert_array_equal(a[0], b[0])
+    c = generate_spots(np.random.default_rng(9), SynthConfig(shape=(64, 64), pair_fraction=1))
+    assert len(c[1]["coords"]) > len(a[1]["coords"])
