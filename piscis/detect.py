@@ -127,27 +127,63 @@ def _spot_contrast(band: np.ndarray, ok: np.ndarray) -> float:
     level (an artefact blob, a bright cell) are left out, with 3 px around them, and
     the level is taken again: one blob in a crop must not set the scale of its spots.
     An image without such objects keeps the plain percentile.
+
+    Each blob is grown within its own box and the percentile is read off the brightest
+    values sorted once: the same figures as growing and sorting the whole image each
+    round, at a fraction of the cost.
     """
-    level = float(np.quantile(band[ok], 0.999))
     plane = np.zeros((3,) * band.ndim, bool)
     plane[(1,) * (band.ndim - 2)] = True  # connectivity within each block
     structure = plane & ndi.generate_binary_structure(band.ndim, band.ndim)
+    ok = ok.copy()
+    flat_ok = ok.reshape(-1)  # a view: follows ok
+    # The brightest values, sorted once, with their places: enough for the percentile
+    # however many pixels the blobs take away (else the whole sort, as np.quantile).
+    cand = np.flatnonzero(flat_ok)
+    vals = band.reshape(-1)[cand]
+    n_top = min(vals.size, max(4096, vals.size // 50))
+    top = np.argpartition(vals, vals.size - n_top)[vals.size - n_top :]
+    top = top[np.argsort(vals[top], kind="stable")]
+    top_at, top_val = cand[top], vals[top]
+
+    def level_now() -> float:
+        """np.quantile(band[ok], 0.999), its linear rule step by step."""
+        m = int(np.count_nonzero(flat_ok))
+        kept = top_val[flat_ok[top_at]]
+        pos = (m - 1) * 0.999
+        lo = int(math.floor(pos))
+        if lo >= m - 1:
+            return float(kept[-1])
+        if m - lo > kept.size:
+            return float(np.quantile(band[ok], 0.999))
+        a, b = kept[kept.size - (m - lo)], kept[kept.size - (m - lo) + 1]
+        t = pos - lo
+        return float(a + (b - a) * t if t < 0.5 else b - (b - a) * (1 - t))
+
+    level = level_now()
     for _ in range(8):
         if level <= 0:
             break
-        lab, n = ndi.label(band >= 0.5 * level, structure=structure)
-        if n == 0:
+        lab, n_obj = ndi.label(band >= 0.5 * level, structure=structure)
+        if n_obj == 0:
             break
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        big = sizes > BLOB_AREA
-        big[0] = False
-        if not big.any():
+        sizes = np.bincount(lab.ravel(), minlength=n_obj + 1)
+        big = np.flatnonzero(sizes > BLOB_AREA)
+        big = big[big > 0]
+        if big.size == 0:
             break
-        grow = ndi.binary_dilation(big[lab], structure=structure, iterations=3)
-        ok = ok & ~grow
+        boxes = ndi.find_objects(lab)
+        for i in big:
+            box = boxes[i - 1]
+            pad = tuple(
+                slice(max(sl.start - 3, 0), min(sl.stop + 3, dim)) if k >= band.ndim - 2 else sl
+                for k, (sl, dim) in enumerate(zip(box, band.shape))
+            )
+            grown = ndi.binary_dilation(lab[pad] == i, structure=structure, iterations=3)
+            ok[pad] &= ~grown
         if np.count_nonzero(ok) <= 100:
             break
-        level = float(np.quantile(band[ok], 0.999))
+        level = level_now()
     return level
 
 
