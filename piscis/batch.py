@@ -382,6 +382,21 @@ def merge_bands(job: Job, opts, plan: Plan, parts: list) -> Result:
     return _spots_result(job, opts, merge_parts(parts), plan.shape)
 
 
+def stream_pixels(default: int) -> int:
+    """The environment's PISCIS_STREAM_PIXELS (a plane size in pixels), else ``default``."""
+    text = os.environ.get("PISCIS_STREAM_PIXELS")
+    if text is None:
+        return int(default)
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if value < 1:
+        msg = f"PISCIS_STREAM_PIXELS={text!r}: expected a whole number of pixels, 1 or more"
+        raise InputError(msg)
+    return value
+
+
 def task_options(args, model_path: str) -> argparse.Namespace:
     """The options a task needs (picklable), from the command's arguments."""
     keep = {k: getattr(args, k, None) for k in RECORD_OPTIONS}
@@ -391,7 +406,7 @@ def task_options(args, model_path: str) -> argparse.Namespace:
     # memory and tasks, never the results.
     from . import lazy
 
-    keep["stream_pixels"] = int(os.environ.get("PISCIS_STREAM_PIXELS", lazy.STREAM_PIXELS))
+    keep["stream_pixels"] = stream_pixels(lazy.STREAM_PIXELS)
     keep["split_pixels"] = SPLIT_PIXELS
     return argparse.Namespace(model=model_path, **keep)
 

@@ -59,6 +59,15 @@ def image_stem(path: Path) -> str:
     return name
 
 
+def _not_regular(path: Path) -> str:
+    """Why ``path`` (which exists, or is a dangling link) cannot be read as an image."""
+    if path.is_symlink() and not path.exists():
+        return "a link to a missing file"
+    if path.is_dir():
+        return "a folder (not a Zarr array)"
+    return "not a regular file (a pipe, socket or device)"
+
+
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files, folders (their image files, not recursive) and glob patterns.
 
@@ -80,11 +89,15 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
                     found.append(f)
                 elif f.is_file():
                     logger.info("%s: not an image file, skipped", f)
+                elif is_image_name(f):
+                    logger.info("%s: %s, skipped", f, _not_regular(f))
             if not found:
                 logger.warning("%s: no image files (.tif, .tiff, .png) in this folder", p)
             images.extend(found)
-        elif p.exists():
+        elif p.is_file():
             images.append(p)
+        elif p.exists():
+            failures.append((item, _not_regular(p)))
         elif any(c in item for c in "*?["):
             matches = sorted(Path(m) for m in glob.glob(item))
             if not matches:
@@ -512,7 +525,12 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         unit="image",
         disable=args.quiet or len(images) < 2,
     )
-    opts = batch.task_options(args, model_path)
+    try:
+        opts = batch.task_options(args, model_path)
+    except InputError as e:
+        bar.close()
+        logger.error("%s", e)
+        return 2
     failed: dict[int, tuple[str, str]] = {}
     client = None
     if args.scheduler is not None or args.workers is not None:

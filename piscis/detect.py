@@ -53,9 +53,15 @@ class Normalization:
             self.unit = self.noise
 
     def apply(self, image: np.ndarray) -> np.ndarray:
-        z = (np.asarray(image, dtype=np.float32) - np.float32(self.background)) / np.float32(
-            self.unit
-        )
+        image = np.asarray(image)
+        if image.dtype == np.float64:
+            # Scaled in double precision: float64 data may lie outside float32's range
+            # (1e-40 or 1e300 per grey level); the result is the same size as ever.
+            z = ((image - self.background) / self.unit).astype(np.float32)
+        else:
+            z = (image.astype(np.float32, copy=False) - np.float32(self.background)) / np.float32(
+                self.unit
+            )
         z = np.arcsinh(z / np.float32(self.compression))
         z[~np.isfinite(z)] = 0.0
         return z
@@ -229,7 +235,8 @@ def estimate_normalization(
         noise = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) / BAND_GAIN
         contrast = _spot_contrast(band, ok)
     integer = np.issubdtype(arr.dtype, np.integer)
-    floor = 0.5 if integer else max(1e-6 * float(hi - lo), 1e-12)
+    # Relative for float data, whatever its scale (1e-20 per grey level is still data).
+    floor = 0.5 if integer else max(1e-6 * float(hi - lo), float(np.finfo(np.float64).tiny))
     if noise <= floor:
         # Fall back on the spread of all pixels (heavily quantised or clipped).
         spread = 1.4826 * float(np.median(np.abs(values - background)))

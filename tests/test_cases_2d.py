@@ -921,3 +921,63 @@ def test_c16_review_widget(make_napari_viewer, qtbot, _plugin_env, tmp_path):
     review.export()
     exported = {int(r["cell_id"]): int(r["n_spots"]) for r in _rows(tmp_path / "cells.csv")}
     assert exported == {k: 10 for k in boxes}
+
+
+@needs_default
+def test_c02_float_images_at_any_scale_give_the_same_spots(default):
+    """Float data in any unit: 1e-40 or 1e300 per grey level (beyond float32's range in
+    float64), negative offsets; the same spots as the integer image."""
+    rng = np.random.default_rng(202)
+    image, truth = spot_image(rng, (192, 192), n_spots=20, amp=400)
+    ref = detect(image, default).coords
+    assert len(ref) == 20
+    variants = {
+        "f8*1e-20": image.astype(np.float64) * 1e-20,
+        "f8*1e-40": image.astype(np.float64) * 1e-40,
+        "f8*1e300": image.astype(np.float64) * 1e300,
+        "f8-1e6": image.astype(np.float64) - 1e6,
+        "f4*1e-20": image.astype(np.float32) * np.float32(1e-20),
+        "f4*1e30": image.astype(np.float32) * np.float32(1e30),
+    }
+    for name, data in variants.items():
+        got = detect(data, default).coords
+        assert len(got) == 20, (name, len(got))
+        pi, ti = match(got, ref, 0.5)
+        assert len(pi) == 20, name
+
+
+def test_c12_pipes_links_and_folders_are_named_not_hung(tmp_path, capsys, tiny_model):
+    """A named FIFO or a dangling link given as an image: one error line each, no hang;
+    in a folder they (and a folder named like an image) are skipped with an info line;
+    the image is counted."""
+    rng = np.random.default_rng(212)
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "good.tif", spot_image(rng, (96, 96), n_spots=5)[0])
+    os.mkfifo(d / "pipe.tif")
+    (d / "gone.tif").symlink_to(tmp_path / "missing.tif")
+    (d / "sub.tif").mkdir()
+    args = ["-o", tmp_path / "o1", "-q", "--model", tiny_model]
+    rc, _, err = _run(capsys, "count", d / "pipe.tif", d / "gone.tif", d / "good.tif", *args)
+    assert rc == 1
+    assert "pipe.tif: not a regular file" in err and "gone.tif: no such file" in err
+    assert [Path(r["image"]).name for r in _rows(tmp_path / "o1" / "summary.csv")] == ["good.tif"]
+    rc, _, err = _run(capsys, "count", d, "-o", tmp_path / "o2", "-v", "--model", tiny_model)
+    assert rc == 0
+    for line in (
+        "gone.tif: a link to a missing file",
+        "pipe.tif: not a regular file",
+        "sub.tif: a folder (not a Zarr array)",
+    ):
+        assert line in err
+    assert [Path(r["image"]).name for r in _rows(tmp_path / "o2" / "summary.csv")] == ["good.tif"]
+
+
+def test_c18_bad_stream_pixels_setting_is_one_line(tmp_path, capsys, monkeypatch):
+    rng = np.random.default_rng(218)
+    tifffile.imwrite(tmp_path / "a.tif", spot_image(rng, (64, 64), n_spots=3)[0])
+    monkeypatch.setenv("PISCIS_STREAM_PIXELS", "abc")
+    rc, _, err = _run(capsys, "count", tmp_path / "a.tif", "-o", tmp_path / "o", "-q")
+    assert rc == 2
+    assert "PISCIS_STREAM_PIXELS='abc': expected a whole number" in err
+    assert "Traceback" not in err
