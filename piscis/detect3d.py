@@ -734,7 +734,7 @@ def _spots_3d(m: dict, spacing, name: str) -> Spots:
         elongated = good & (fz > ELONGATED * med)
         if elongated.any():
             logger.warning(
-                "%s: %d spots are elongated in z (FWHM_z > %.1f x the median %.2f slices): "
+                "%s: %d spots are elongated in z (FWHM_z > %.2f x the median %.2f slices): "
                 "possibly two spots closer in z than the axial resolution, counted as one "
                 "(column z_elongated)",
                 name,

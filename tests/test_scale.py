@@ -327,6 +327,7 @@ def test_missing_dask_is_one_line_naming_the_extra(folder, tmp_path, monkeypatch
     rc = cli.main(["count", str(folder), "-o", str(tmp_path / "o"), "--workers", "2"])
     err = capsys.readouterr().err
     assert rc == 2 and "pip install 'piscis[dask]'" in err
+    assert not (tmp_path / "o" / RECORD_NAME).exists()  # nothing written: a later run is new
 
 
 # --------------------------------------------------------------------------- resume
@@ -337,7 +338,10 @@ def test_interrupted_run_resumed_gives_the_same_files(folder, serial, tmp_path, 
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "piscis", "count", str(folder), "-o", str(out), "-q"]
-    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as at a terminal, also when pytest itself runs with SIGINT ignored (a
+    # background job), which the child would inherit.
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     rec = out / RECORD_NAME
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:
