@@ -42,6 +42,7 @@ __all__ = [
     "RunState",
     "dask_client",
     "local_cluster",
+    "require_dask",
     "run_band",
     "run_dask",
     "run_image",
@@ -473,14 +474,22 @@ def local_cluster(n_workers: int | None = None, **kwargs):
         return LocalCluster(**(options | kwargs))
 
 
-def dask_client(scheduler: str | None = None, workers: int | None = None):
-    """A dask.distributed client: of a running scheduler, or of a new local cluster
-    (:func:`local_cluster`)."""
+def require_dask() -> None:
+    """Raise :class:`InputError` naming the extra to install when dask.distributed is
+    missing."""
     try:
-        from distributed import Client
+        import distributed  # noqa: F401
     except ImportError:
         msg = "--scheduler and --workers need dask.distributed: pip install 'piscis[dask]'"
         raise InputError(msg) from None
+
+
+def dask_client(scheduler: str | None = None, workers: int | None = None):
+    """A dask.distributed client: of a running scheduler, or of a new local cluster
+    (:func:`local_cluster`)."""
+    require_dask()
+    from distributed import Client
+
     if scheduler is not None:
         try:
             return Client(scheduler, timeout="30s")

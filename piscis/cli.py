@@ -429,11 +429,9 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         return 2
     if args.scheduler is not None or args.workers is not None:
         try:  # before anything is written to the output folder
-            import distributed  # noqa: F401
-        except ImportError:
-            logger.error(
-                "--scheduler and --workers need dask.distributed: pip install 'piscis[dask]'"
-            )
+            batch.require_dask()
+        except InputError as e:
+            logger.error("%s", e)
             return 2
     state = batch.RunState(out_dir)
     record = batch.run_record(args.command, args, images, model_path)
