@@ -62,10 +62,7 @@ def layer_axes_choices(layer) -> list[str]:
     (``metadata["piscis"]["axes"]``, e.g. a 6-plane ZYX stack or a TZYX time series)
     first when they can run."""
     known = meta(layer).get("axes")
-    choices = axes_choices(layer_shape(layer), getattr(layer, "rgb", False), recorded=known)
-    if isinstance(known, str) and known in choices:
-        choices = [known, *[c for c in choices if c != known]]
-    return choices
+    return axes_choices(layer_shape(layer), getattr(layer, "rgb", False), recorded=known)
 
 
 def default_axes(layer) -> str:
