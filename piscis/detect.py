@@ -134,13 +134,14 @@ def _spot_contrast(band: np.ndarray, ok: np.ndarray) -> float:
     the level is taken again: one blob in a crop must not set the scale of its spots.
     An image without such objects keeps the plain percentile.
 
-    Each blob is grown within its own box and the percentile is read off the brightest
-    values sorted once: the same figures as growing and sorting the whole image each
-    round, at a fraction of the cost.
+    The blobs are grown together by a separable maximum filter and the percentile is
+    read off the brightest values sorted once: the same figures as growing each blob
+    and sorting the whole image each round, at a fraction of the cost.
     """
     plane = np.zeros((3,) * band.ndim, bool)
     plane[(1,) * (band.ndim - 2)] = True  # connectivity within each block
     structure = plane & ndi.generate_binary_structure(band.ndim, band.ndim)
+    window = [1] * (band.ndim - 2) + [7, 7]
     ok = ok.copy()
     flat_ok = ok.reshape(-1)  # a view: follows ok
     # The brightest values, sorted once, with their places: enough for the percentile
@@ -178,17 +179,18 @@ def _spot_contrast(band: np.ndarray, ok: np.ndarray) -> float:
         big = big[big > 0]
         if big.size == 0:
             break
-        boxes = ndi.find_objects(lab)
-        for i in big:
-            box = boxes[i - 1]
-            pad = tuple(
-                slice(max(sl.start - 3, 0), min(sl.stop + 3, dim)) if k >= band.ndim - 2 else sl
-                for k, (sl, dim) in enumerate(zip(box, band.shape))
-            )
-            grown = ndi.binary_dilation(lab[pad] == i, structure=structure, iterations=3)
-            ok[pad] &= ~grown
-        if np.count_nonzero(ok) <= 100:
+        # Three dilations by the in-plane 3x3 square are one 7x7 maximum: separable,
+        # so all the blobs are grown at once for little more than a pass over the image.
+        is_big = np.zeros(n_obj + 1, np.uint8)
+        is_big[big] = 1
+        grown = ndi.maximum_filter(is_big[lab], size=window, mode="constant", cval=0)
+        before = np.count_nonzero(ok)
+        ok &= grown == 0
+        n_ok = np.count_nonzero(ok)
+        if n_ok <= 100:
             break
+        if n_ok == before:  # the same pixels again: the level, and every later round,
+            break  # would be the same
         level = level_now()
     return level
 

@@ -72,36 +72,50 @@ class SpotNet(nn.Module):
             skips.append(x)
         x = skips.pop()
         for dec in self.decoders:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
             skip = skips.pop()
-            if isinstance(dec[0], SplitConv):  # fused for inference: no concatenation
+            if isinstance(dec[0], SplitConv):  # fused for inference: upsamples itself
                 x = dec[1:](dec[0](x, skip))
             else:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")
                 x = dec(torch.cat([x, skip], dim=1))
         return self.head(x)
 
 
 class SplitConv(nn.Module):
-    """conv(cat(a, b)) computed as conv_a(a) + conv_b(b): the same result
-    without copying both inputs into one tensor (faster on a CPU)."""
+    """The first convolution of a decoder block, for inference:
+    ``conv(cat(upsample(a), b))`` without the upsampled copy nor the concatenation.
+
+    The convolution splits into a part over the skip connection ``b`` and a part over
+    the nearest-upsampled ``a``. The latter is a 3x3 convolution of ``a`` at its own
+    resolution with one output per phase of the 2x2 upsampling (each phase sums the
+    taps of the full kernel that fall on the same low-resolution pixel), put back in
+    place by a pixel shuffle. Same result up to float rounding; on a CPU it is about
+    twice as fast as upsampling, convolving and adding at full resolution.
+    """
 
     def __init__(self, conv: nn.Conv2d, n_a: int):
         super().__init__()
-        self.conv_a = nn.Conv2d(n_a, conv.out_channels, conv.kernel_size, padding=conv.padding)
-        self.conv_b = nn.Conv2d(
-            conv.in_channels - n_a,
-            conv.out_channels,
-            conv.kernel_size,
-            padding=conv.padding,
-            bias=False,
-        )
+        c_out = conv.out_channels
+        self.conv_up = nn.Conv2d(n_a, 4 * c_out, 3, padding=1)
+        self.conv_b = nn.Conv2d(conv.in_channels - n_a, c_out, 3, padding=1, bias=False)
+        w = conv.weight[:, :n_a]
+        phases = torch.zeros(c_out, 4, n_a, 3, 3, dtype=w.dtype)
+        # Output pixel 2i + py with tap ky reads a[i + (py + ky - 1) // 2].
+        for py in range(2):
+            for px in range(2):
+                for ky in range(3):
+                    for kx in range(3):
+                        ly, lx = (py + ky - 1) // 2 + 1, (px + kx - 1) // 2 + 1
+                        phases[:, py * 2 + px, :, ly, lx] += w[:, :, ky, kx]
         with torch.no_grad():
-            self.conv_a.weight.copy_(conv.weight[:, :n_a])
+            self.conv_up.weight.copy_(phases.reshape(4 * c_out, n_a, 3, 3))
+            self.conv_up.bias.copy_(conv.bias.repeat_interleave(4))
             self.conv_b.weight.copy_(conv.weight[:, n_a:])
-            self.conv_a.bias.copy_(conv.bias)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.conv_a(a) + self.conv_b(b)
+        out = self.conv_b(b)
+        out += F.pixel_shuffle(self.conv_up(a), 2)
+        return out
 
 
 def receptive_margin(channels: tuple[int, ...]) -> int:

@@ -72,6 +72,52 @@ def real_pairs(data: Path) -> tuple[list[Pair], list[Pair], list[float]]:
     return pairs, val, weights
 
 
+def cells_background_pairs(data: Path, n: int, seed: int = 7) -> list[Pair]:
+    """Semi-synthetic images made like the ``cells_*`` ones, on their own background.
+
+    ``semisynthetic/insta/background_cells.tif`` is the spot-free image behind the 12
+    ``cells_*`` training images. Each new image is that background turned or flipped,
+    plus Gaussian spots (sigma 1.4-2.1 px) at random sub-pixel places, 30-200 per
+    image, with peak amplitudes of 1.5-18 times the noise, plus extra Gaussian noise,
+    rendered to 8 bits with a contrast stretch as the originals are. Never the
+    ``tissue_*`` images (their background is not used).
+    """
+    import tifffile
+
+    from piscis.detect import estimate_normalization
+
+    path = data / "semisynthetic" / "insta" / "background_cells.tif"
+    if n <= 0 or not path.exists():
+        return []
+    base = tifffile.imread(path).astype(np.float64)
+    noise0 = estimate_normalization(base).noise
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        bg = np.rot90(base, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            bg = bg[:, ::-1]
+        h, w = bg.shape
+        k = rng.uniform(0.3, 1.3)
+        sd = noise0 * np.sqrt(1.0 + k * k)
+        count = int(rng.integers(30, 201))
+        coords = np.column_stack([rng.uniform(0, h - 1, count), rng.uniform(0, w - 1, count)])
+        amp = sd * np.exp(rng.uniform(np.log(1.5), np.log(18.0), count))
+        sigma = rng.uniform(1.4, 2.1)
+        img = bg + rng.normal(0.0, k * noise0, bg.shape)
+        yy, xx = np.arange(h)[:, None], np.arange(w)[None, :]
+        for (y, x), a in zip(coords, amp):
+            y0, y1 = max(int(y) - 8, 0), min(int(y) + 9, h)
+            x0, x1 = max(int(x) - 8, 0), min(int(x) + 9, w)
+            r2 = (yy[y0:y1] - y) ** 2 + (xx[:, x0:x1] - x) ** 2
+            img[y0:y1, x0:x1] += a * np.exp(-r2 / (2 * sigma * sigma))
+        lo = np.percentile(bg, rng.uniform(0.0, 1.0))
+        hi = bg.max() * rng.uniform(1.05, 1.5)
+        img8 = np.clip(np.rint((img - lo) / (hi - lo) * 255.0), 0, 255).astype(np.uint8)
+        out.append(Pair(f"cells-background-{i}", img8, coords))
+    return out
+
+
 def synthetic_val(n: int = 8, seed: int = 12345) -> list[Pair]:
     rng = np.random.default_rng(seed)
     out = []
@@ -129,6 +175,18 @@ def main(argv=None) -> int:
         default=0.0,
         help="share of synthetic images with a crowded patch of spots (2.2 sigma-3.2 px apart)",
     )
+    ap.add_argument(
+        "--cells-background",
+        type=int,
+        default=0,
+        help="add this many semi-synthetic images made on the cells_* background",
+    )
+    ap.add_argument(
+        "--cells-background-weight",
+        type=float,
+        default=0.5,
+        help="their share of the real-data draws (default %(default)s)",
+    )
     ap.add_argument("--keep", choices=["best", "last"], default="best")
     ap.add_argument(
         "--stop-after",
@@ -155,6 +213,12 @@ def main(argv=None) -> int:
     data = Path(args.data)
     pairs, val, weights = real_pairs(data) if data.is_dir() else ([], [], [])
     val += synthetic_val()
+    extra = cells_background_pairs(data, args.cells_background)
+    if extra:
+        share = args.cells_background_weight
+        weights = [w * (1.0 - share) / sum(weights) for w in weights]
+        weights += [share / len(extra)] * len(extra)
+        pairs += extra
     # Generator settings other than its defaults (recorded in the model's config).
     synth = {
         k: v
