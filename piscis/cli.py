@@ -907,7 +907,8 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         default=None,
-        help="run on a local Dask cluster of N worker processes of one thread each",
+        help="run on a local Dask cluster of N worker processes of one thread each; "
+        "needs pip install 'piscis[dask]'",
     )
 
 

@@ -893,8 +893,7 @@ def _read_tiff_quietly(path: Path) -> _Raw:
         msg = f"{path}: not a readable TIFF (its tags declare a zero width, height or strip size)"
         raise InputError(msg) from None
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        msg = msg if len(msg) <= 160 else msg[:157] + "..."
+        msg = tiff_error_text(e)
         codec = isinstance(e, ImportError) or "imagecodecs" in msg.lower()
         comp = _compression_of(path) if codec or isinstance(e, (KeyError, ValueError)) else None
         if comp is not None and comp != "NONE" and (codec or "compress" in msg.lower()):
@@ -904,6 +903,15 @@ def _read_tiff_quietly(path: Path) -> _Raw:
             ) from None
         raise InputError(f"{path}: not a readable TIFF ({msg})") from None
     return _Raw(np.asarray(data), axes, source, spacing)
+
+
+def tiff_error_text(e: BaseException) -> str:
+    """tifffile's complaint in one short line, saying so when the file ends too early."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    msg = msg if len(msg) <= 160 else msg[:157] + "..."
+    if isinstance(e, (IndexError, EOFError)) or "failed to read" in msg:
+        msg = f"the file ends before its data does: truncated or still being written? {msg}"
+    return msg
 
 
 MEMMAP_BYTES = 1 << 30  # files at least this big are mapped, not read, when they can be

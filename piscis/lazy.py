@@ -247,7 +247,7 @@ def _open_zarr(path: Path):
 def _open_tiff(path: Path):
     import tifffile
 
-    from .io import tifffile_notes
+    from .io import tiff_error_text, tifffile_notes
 
     zarr = _need_zarr()
     try:
@@ -257,8 +257,7 @@ def _open_tiff(path: Path):
             store = series.aszarr(level=0)
             array = zarr.open(store, mode="r")
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{path}: not a readable TIFF ({msg})") from None
+        raise InputError(f"{path}: not a readable TIFF ({tiff_error_text(e)})") from None
     if not hasattr(array, "shape"):  # a multiscale group: its first level
         array = array["0"]
     return array, series.axes

@@ -437,6 +437,19 @@ def test_truncated_compressed_tiff_names_the_file(tmp_path):
     assert "cut.tif" in str(e.value)
 
 
+@pytest.mark.parametrize("keep", [1000, 0.6, -10])
+def test_truncated_tiff_says_it_is_cut_short(tmp_path, keep):
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, _base(22).astype(np.uint16))
+    data = good.read_bytes()
+    bad = tmp_path / "cut.tif"
+    bad.write_bytes(data[: keep if isinstance(keep, int) else int(keep * len(data))])
+    with pytest.raises(InputError) as e:
+        read_image(bad)
+    text = str(e.value)
+    assert "cut.tif" in text and "truncated" in text and "\n" not in text, text
+
+
 def test_zero_byte_file(tmp_path):
     path = tmp_path / "zero.tif"
     path.write_bytes(b"")
