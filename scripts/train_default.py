@@ -72,13 +72,15 @@ def real_pairs(data: Path) -> tuple[list[Pair], list[Pair], list[float]]:
     return pairs, val, weights
 
 
-def cells_background_pairs(data: Path, n: int, seed: int = 7) -> list[Pair]:
+def cells_background_pairs(
+    data: Path, n: int, seed: int = 7, snr: tuple[float, float] = (1.5, 18.0)
+) -> list[Pair]:
     """Semi-synthetic images made like the ``cells_*`` ones, on their own background.
 
     ``semisynthetic/insta/background_cells.tif`` is the spot-free image behind the 12
     ``cells_*`` training images. Each new image is that background turned or flipped,
     plus Gaussian spots (sigma 1.4-2.1 px) at random sub-pixel places, 30-200 per
-    image, with peak amplitudes of 1.5-18 times the noise, plus extra Gaussian noise,
+    image, with peak amplitudes of ``snr`` times the noise, plus extra Gaussian noise,
     rendered to 8 bits with a contrast stretch as the originals are. Never the
     ``tissue_*`` images (their background is not used).
     """
@@ -102,7 +104,7 @@ def cells_background_pairs(data: Path, n: int, seed: int = 7) -> list[Pair]:
         sd = noise0 * np.sqrt(1.0 + k * k)
         count = int(rng.integers(30, 201))
         coords = np.column_stack([rng.uniform(0, h - 1, count), rng.uniform(0, w - 1, count)])
-        amp = sd * np.exp(rng.uniform(np.log(1.5), np.log(18.0), count))
+        amp = sd * np.exp(rng.uniform(np.log(snr[0]), np.log(snr[1]), count))
         sigma = rng.uniform(1.4, 2.1)
         img = bg + rng.normal(0.0, k * noise0, bg.shape)
         yy, xx = np.arange(h)[:, None], np.arange(w)[None, :]
@@ -182,6 +184,20 @@ def main(argv=None) -> int:
         help="add this many semi-synthetic images made on the cells_* background",
     )
     ap.add_argument(
+        "--cells-background-snr",
+        type=float,
+        nargs=2,
+        default=(1.5, 18.0),
+        metavar=("LOW", "HIGH"),
+        help="their spots' peak amplitude range, times the noise (log-uniform)",
+    )
+    ap.add_argument(
+        "--empty-fraction",
+        type=float,
+        default=None,
+        help="share of spot-free synthetic images (default: the generator's)",
+    )
+    ap.add_argument(
         "--cells-background-weight",
         type=float,
         default=0.5,
@@ -213,7 +229,7 @@ def main(argv=None) -> int:
     data = Path(args.data)
     pairs, val, weights = real_pairs(data) if data.is_dir() else ([], [], [])
     val += synthetic_val()
-    extra = cells_background_pairs(data, args.cells_background)
+    extra = cells_background_pairs(data, args.cells_background, snr=args.cells_background_snr)
     if extra:
         share = args.cells_background_weight
         weights = [w * (1.0 - share) / sum(weights) for w in weights]
@@ -222,8 +238,12 @@ def main(argv=None) -> int:
     # Generator settings other than its defaults (recorded in the model's config).
     synth = {
         k: v
-        for k, v in (("pair_fraction", args.pair_fraction), ("dense_fraction", args.dense_fraction))
-        if v
+        for k, v in (
+            ("pair_fraction", args.pair_fraction),
+            ("dense_fraction", args.dense_fraction),
+            ("empty_fraction", args.empty_fraction),
+        )
+        if v is not None and (v or k == "empty_fraction")
     }
     cfg = TrainConfig(
         epochs=args.epochs,

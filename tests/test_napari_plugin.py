@@ -485,6 +485,26 @@ def test_detect_picks_a_channel(make_napari_viewer, qtbot, model_path):
     assert score(got, truth).f1_int > 0.8, len(got)
 
 
+def test_detect_slider_shows_the_model_threshold_and_detect_keeps_the_users(
+    make_napari_viewer, qtbot, model_path
+):
+    rng = np.random.default_rng(8)
+    image, _ = spot_image(rng, (128, 128), n_spots=25)
+    viewer = _viewer(make_napari_viewer, show=False)
+    viewer.add_image(image, name="spots")
+    detect = _dock(viewer, "Detect spots")
+    detect.model.set_path(model_path)
+    own = json.loads((model_path / "config.json").read_text())["threshold"]
+    assert detect.threshold.value() == pytest.approx(own)  # before any detection
+    detect.threshold.setValue(0.3)
+    detect.run()
+    _wait_idle(qtbot, detect, 60_000)
+    assert detect.threshold.value() == pytest.approx(0.3)  # not reset by the detection
+    scores = np.asarray(detect.points_layer.features["score"])
+    assert len(scores) and scores.min() >= 0.3 - 1e-6
+    assert len(scores) == detect._result["candidates"].count(0.3)
+
+
 def test_train_cancel_keeps_the_best_checkpoint(make_napari_viewer, qtbot, tmp_path, model_path):
     rng = np.random.default_rng(11)
     image, truth = spot_image(rng, (256, 256), n_spots=40, amp=150)

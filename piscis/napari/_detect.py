@@ -134,7 +134,12 @@ class DetectWidget(WorkerMixin, QWidget):
 
             cfg = json.loads((path / "config.json").read_text())
             self.scale.setValue(float(cfg.get("scale", 1.0)))
-        except (OSError, ValueError):
+            # The slider shows the chosen model's own threshold; detecting keeps
+            # whatever the user sets after that.
+            self.threshold.blockSignals(True)
+            self.threshold.setValue(float(cfg.get("threshold", 0.5)))
+            self.threshold.blockSignals(False)
+        except (OSError, ValueError, TypeError):
             pass
 
     # ------------------------------------------------------------------ running
@@ -182,6 +187,7 @@ class DetectWidget(WorkerMixin, QWidget):
 
         volume = len(img.shape) == 3
         spacing = _layers.meta(layer).get("spacing") if volume else None
+        threshold = float(self.threshold.value())  # the slider's, as the user left it
 
         def work():
             from ..io import load_model
@@ -195,10 +201,10 @@ class DetectWidget(WorkerMixin, QWidget):
                     img, model, scale=scale, progress=tick, spacing=spacing, name=layer.name
                 )
                 relay.progressed.emit(("decode", 0))
-                cands.at(model.threshold)  # linked and measured here, not in the GUI thread
-                return cands, model.threshold, model.name
+                cands.at(threshold)  # linked and measured here, not in the GUI thread
+                return cands, threshold, model.name
             cands = detect_candidates(img, model, scale, roi, progress=tick)
-            return cands, model.threshold, model.name
+            return cands, threshold, model.name
 
         self.run_button.setEnabled(False)
         at = "" if t is None else f" at time point {t}"
