@@ -17,7 +17,14 @@ import numpy as np
 
 from .synth import render_spots
 
-__all__ = ["jittered_grid", "mirror_tiles", "render_field", "write_large"]
+__all__ = [
+    "jittered_grid",
+    "mirror_tiles",
+    "render_field",
+    "render_volume_plane",
+    "write_large",
+    "write_volume",
+]
 
 
 def jittered_grid(shape, n: int, seed: int = 0, jitter: float = 0.25, margin: float = 4.0):
@@ -120,4 +127,56 @@ def write_large(path, shape, make, tile: int = 512) -> Path:
         compression="zlib",
         metadata={"axes": "YX"},
     )
+    return path
+
+
+def render_volume_plane(
+    coords: np.ndarray,
+    seed: int = 0,
+    sigma_z: float = 1.5,
+    sigma_yx: float = 1.0,
+    amp: float = 400.0,
+    background: float = 100.0,
+    noise_sd: float = 5.0,
+) -> Callable[[int, int, int, int, int], np.ndarray]:
+    """A plane-tile function for :func:`write_volume`: 3D Gaussian spots at ``coords``
+    (N, 3) in (z, y, x) over background and noise, uint16. Tile (z, y0, x0) of size
+    (th, tw) renders the spots within 4 ``sigma_z`` of plane z and near the tile."""
+    coords = np.asarray(coords, float).reshape(-1, 3)
+    coords = coords[np.argsort(coords[:, 0])]
+    reach_z, reach = 4 * sigma_z, int(np.ceil(4 * sigma_yx)) + 2
+
+    def tile(z: int, y0: int, x0: int, th: int, tw: int) -> np.ndarray:
+        lo, hi = np.searchsorted(coords[:, 0], [z - reach_z, z + reach_z])
+        near = coords[lo:hi]
+        near = near[
+            (near[:, 1] >= y0 - reach)
+            & (near[:, 1] < y0 + th + reach)
+            & (near[:, 2] >= x0 - reach)
+            & (near[:, 2] < x0 + tw + reach)
+        ]
+        amps = amp * np.exp(-((near[:, 0] - z) ** 2) / (2 * sigma_z**2))
+        img = background + render_spots(
+            (th, tw), near[:, 1:] - [y0, x0], np.full(len(near), sigma_yx), amps
+        )
+        rng = np.random.default_rng([seed, z, y0, x0])
+        img += rng.normal(0, noise_sd, img.shape)
+        return np.clip(np.round(img), 0, 65535).astype(np.uint16)
+
+    return tile
+
+
+def write_volume(path, shape, make, tile: int = 512) -> Path:
+    """Write a (Z, Y, X) uint16 Zarr array plane tile by plane tile (chunks of one plane
+    and ``tile`` px); ``make(z, y0, x0, th, tw)`` gives one tile. Memory: one tile."""
+    import zarr
+
+    path = Path(path)
+    nz, h, w = shape
+    arr = zarr.open_array(str(path), mode="w", shape=shape, chunks=(1, tile, tile), dtype=np.uint16)
+    for z in range(nz):
+        for y0 in range(0, h, tile):
+            for x0 in range(0, w, tile):
+                th, tw = min(tile, h - y0), min(tile, w - x0)
+                arr[z, y0 : y0 + th, x0 : x0 + tw] = make(z, y0, x0, th, tw)
     return path
