@@ -59,6 +59,14 @@ def image_stem(path: Path) -> str:
     return name
 
 
+# Image formats met in microscopy that piscis does not read (JPEG loses the intensities;
+# the vendor formats need their own readers): in a folder, each gets a warning.
+OTHER_IMAGE_SUFFIXES = {
+    ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2", ".czi", ".nd2", ".lif", ".lsm",
+    ".oib", ".oif", ".ims", ".vsi", ".dv", ".mrc", ".h5", ".hdf5", ".npy", ".npz",
+}  # fmt: skip
+
+
 def _not_regular(path: Path) -> str:
     """Why ``path`` (which exists, or is a dangling link) cannot be read as an image."""
     if path.is_symlink() and not path.exists():
@@ -87,6 +95,14 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
             for f in sorted(p.iterdir()):
                 if (f.is_file() and is_image_name(f)) or is_zarr(f):
                     found.append(f)
+                elif f.is_file() and f.suffix.lower() in OTHER_IMAGE_SUFFIXES:
+                    # An image piscis cannot read: said louder than a stray text file.
+                    logger.warning(
+                        "%s: %s images are not read (TIFF, PNG or Zarr only); convert it "
+                        "to TIFF to count it, skipped",
+                        f,
+                        f.suffix.lower().lstrip(".").upper(),
+                    )
                 elif f.is_file():
                     logger.info("%s: not an image file, skipped", f)
                 elif is_image_name(f):
@@ -756,19 +772,28 @@ def cmd_evaluate(args) -> int:
     from .metrics import mean_scores, score
 
     pred, true = Path(args.pred), Path(args.truth)
+    for path in (pred, true):
+        if not path.exists():
+            logger.error("%s: no such file or folder", path)
+            return 2
     if pred.is_dir() != true.is_dir():
         logger.error("PRED and TRUTH must both be CSV files or both folders")
         return 2
     if pred.is_dir():
+        # Paired by image name: "cells.csv" with "cells.csv", "cells.truth.csv" or
+        # "cells.spots.csv" (the name piscis count gives, and a common truth name).
+        found = {}
+        for p in sorted(pred.glob("*.csv")):
+            found.setdefault(_image_name(p), p)
         pairs = []
         for t in sorted(true.glob("*.csv")):
-            p = pred / t.name
-            if p.exists():
-                pairs.append((t.stem, p, t))
+            name = _image_name(t)
+            if name in found:
+                pairs.append((name, found[name], t))
             else:
-                logger.warning("%s: no prediction %s", t, p)
+                logger.warning("%s: no prediction for %s in %s", t, name, pred)
     else:
-        pairs = [(true.stem, pred, true)]
+        pairs = [(_image_name(pred), pred, true)]
     if not pairs:
         logger.error("no prediction/truth pairs to compare")
         return 2
@@ -790,6 +815,17 @@ def cmd_evaluate(args) -> int:
     if len(scores) > 1:
         print(_score_line("mean", mean_scores(scores)))
     return 0
+
+
+def _image_name(path: Path) -> str:
+    """The image a spot CSV belongs to: its name less ``.csv`` and a ``.truth``,
+    ``.true``, ``.gt``, ``.spots`` or ``.pred`` before it."""
+    stem = path.stem
+    head, dot, tail = stem.rpartition(".")
+    return head if dot and head and tail.lower() in _CSV_ROLES else stem
+
+
+_CSV_ROLES = {"truth", "true", "gt", "spots", "pred"}
 
 
 def _score_line(name, s) -> str:
@@ -1089,7 +1125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", parents=[common], help="F1 at 1/2/3 px, integrated F1, precision, recall"
     )
     p.add_argument("pred", help="predicted spots: a CSV or a folder of CSVs")
-    p.add_argument("truth", help="true spots: a CSV or a folder of CSVs with the same names")
+    p.add_argument(
+        "truth",
+        help="true spots: a CSV or a folder of CSVs, paired by image name (NAME.csv, "
+        "NAME.truth.csv, NAME.gt.csv and NAME.spots.csv all belong to image NAME)",
+    )
     _csv_options(p)
     p.set_defaults(func=cmd_evaluate)
     return ap

@@ -65,6 +65,7 @@ def mixed_folder(tmp_path):
     (d / "y.tif").write_bytes(raw[: len(raw) // 2])
     (d / "notes.txt").write_text("imaged on Tuesday\n")
     (d / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (d / "photo.JPG").write_bytes(b"\xff\xd8\xff\xe0" + bytes(60))  # an image we do not read
     return d, shapes
 
 
@@ -103,6 +104,8 @@ def test_count_folder_with_bad_files(tmp_path, mixed_folder, tiny_model, capsys)
     assert "3 input(s) failed" in err
     assert not any("notes.txt" in line or ".DS_Store" in line for line in error_lines)
     assert "notes.txt: not an image file, skipped" in err  # said, at INFO, not an error
+    jpg = [line for line in err.splitlines() if "photo.JPG" in line]
+    assert len(jpg) == 1 and jpg[0].startswith("WARNING") and "JPG" in jpg[0], jpg
 
 
 def test_count_blank_image(tmp_path, tiny_model, capsys):
@@ -494,7 +497,27 @@ def test_evaluate_napari_truth_against_our_table(tmp_path, capsys):
     pred = _write_spots(tmp_path / "pred.csv", TRUTH[::-1])  # order does not matter
     rc, out, _ = _run(capsys, "evaluate", pred, truth)
     assert rc == 0
-    assert _parse(out)[1]["truth"]["F1@1"] == 1.0
+    assert _parse(out)[1]["pred"]["F1@1"] == 1.0  # named after the prediction's image
+
+
+def test_evaluate_pairs_truth_files_by_image_name(tmp_path, capsys):
+    t, p = tmp_path / "t", tmp_path / "p"
+    _write_spots(t / "cells.truth.csv", TRUTH)  # as in sample_data/
+    _write_spots(p / "cells.csv", TRUTH)  # as piscis count writes it
+    _write_spots(t / "a.b.gt.csv", TRUTH)  # dots in the image name stay
+    _write_spots(p / "a.b.csv", TRUTH[:2])
+    rc, out, err = _run(capsys, "evaluate", p, t)
+    assert rc == 0, err
+    rows = _parse(out)[1]
+    assert set(rows) == {"cells", "a.b", "mean"}
+    assert rows["cells"]["F1@1"] == 1.0 and rows["a.b"]["recall"] == 0.5
+
+
+def test_evaluate_missing_path_is_one_line_before_any_table(tmp_path, capsys):
+    truth = _write_spots(tmp_path / "t.csv", TRUTH)
+    rc, out, err = _run(capsys, "evaluate", tmp_path / "nothere.csv", truth)
+    assert rc == 2 and out == ""
+    assert "nothere.csv: no such file" in err
 
 
 def test_evaluate_file_against_folder_is_refused(tmp_path, capsys):

@@ -255,3 +255,25 @@ def test_volume_points_and_voxels_round_trip_through_layer_transforms(axes):
     np.testing.assert_allclose(_layers.voxels_of_points(back, other, image), vox, atol=1e-12)
     vol = _layers.layer_image(image, axes, channel=1)
     assert vol.shape == (6, 20, 24)
+
+
+def test_every_sample_image_ships_in_the_wheel():
+    """File > Open Sample reads ``piscis/sample_data`` in an installed wheel: every
+    sample file (and its labels, licences and truth) must match the package data."""
+    from pathlib import Path
+
+    from piscis.napari._io import SAMPLES
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = Path(__file__).resolve().parents[1]
+    conf = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert conf["package-dir"]["piscis.sample_data"] == "sample_data"
+    assert "piscis.sample_data" in conf["packages"]
+    patterns = conf["package-data"]["piscis.sample_data"]
+    folder = root / "sample_data"
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    assert all(rel in files for rel, _ in SAMPLES.values())
+    # setuptools globs: "*" stays within one folder (as Path.glob, not fnmatch)
+    shipped = {p.relative_to(folder).as_posix() for pat in patterns for p in folder.glob(pat)}
+    assert set(files) <= shipped, sorted(set(files) - shipped)
