@@ -258,7 +258,8 @@ def test_workflow_detect_threshold_annotate_train_review_export(
     _assert_responsive(ticks, detect)
     points = detect.points_layer
     assert points is not None and points in viewer.layers
-    assert points.face_color_mode == "colormap"
+    assert points.border_color_mode == "colormap"  # rings coloured by score
+    assert np.allclose(np.asarray(points.face_color)[:, 3], 0)  # hollow: the spot shows
     from piscis.metrics import score
 
     s = score(points.data, truth)
@@ -455,7 +456,7 @@ def test_detect_stays_responsive_and_colours_by_score(
         assert detect.last_update_s < 0.5
     assert n[0.2] >= n[0.5] >= n[0.8] and n[0.2] > n[0.8]
     detect.threshold.setValue(0.3)
-    colours = np.asarray(points.face_color)
+    colours = np.asarray(points.border_color)
     scores = np.asarray(points.features["score"])
     lo, hi = np.argmin(scores), np.argmax(scores)
     assert not np.allclose(colours[lo], colours[hi])  # coloured by score

@@ -273,13 +273,14 @@ class DetectWidget(WorkerMixin, QWidget):
                 np.zeros((0, ndim)),
                 name=name,
                 features={k: np.zeros(0) for k in ("score", "intensity", "background", "cell_id")},
-                face_color="score",
-                face_colormap="viridis",
-                face_contrast_limits=(0.0, 1.0),
-                border_color="white",
-                border_width=0.1,
-                size=6,
-                opacity=0.9,
+                # Rings coloured by score: the spot's own pixels stay visible inside.
+                face_color="transparent",
+                border_color="score",
+                border_colormap="viridis",
+                border_contrast_limits=(0.0, 1.0),
+                border_width=0.2,
+                size=7,
+                opacity=1.0,
                 **aligned,
             )
         md = _layers.meta(points)

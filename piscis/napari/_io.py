@@ -22,7 +22,8 @@ LABEL_SUFFIXES = (
 IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 CHANNEL_COLORMAPS = ("green", "magenta", "cyan", "yellow", "red", "blue")
 
-POINTS_STYLE = {"size": 6, "border_width": 0.1, "opacity": 0.9}
+# Rings: a spot's pixels stay visible inside its marker.
+POINTS_STYLE = {"size": 7, "border_width": 0.2, "opacity": 1.0, "face_color": "transparent"}
 
 
 # --------------------------------------------------------------------------- reader
@@ -133,7 +134,9 @@ def _read_csv(path):
     }
     score = np.asarray(features.get("score", []), float)
     if len(score) and np.isfinite(score).all():
-        kwargs.update(face_color="score", face_colormap="viridis", face_contrast_limits=(0.0, 1.0))
+        kwargs.update(
+            border_color="score", border_colormap="viridis", border_contrast_limits=(0.0, 1.0)
+        )
     return [(coords, kwargs, "points")]
 
 

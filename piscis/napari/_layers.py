@@ -244,5 +244,5 @@ def set_points(layer, coords, features: dict) -> None:
     layer.selected_data = set()
     layer.data = coords
     layer.features = pd.DataFrame(features)
-    if layer.face_color_mode == "colormap":
+    if "colormap" in (str(layer.face_color_mode), str(layer.border_color_mode)):
         layer.refresh_colors(update_color_mapping=False)
