@@ -561,3 +561,23 @@ def test_review_segments_nuclei_from_a_channel(make_napari_viewer, qtbot, tmp_pa
     for r in rows:
         assert r["n_spots_nucleus"] + r["n_spots_cytoplasm"] == r["n_spots"]
     assert sum(r["n_spots_nucleus"] for r in rows) > 0
+
+
+def test_review_picks_the_labels_layer_and_lists_cells_by_id(make_napari_viewer, qtbot):
+    """The fresh-user path: the sample's labels are the cells without choosing them, and
+    the table lists cell 1 first (the header's arrow says ascending)."""
+    viewer = _viewer(make_napari_viewer, show=False)
+    viewer.open_sample("piscis", "nuclei_2d")
+    labels = viewer.layers["nuclei_2d labels"]
+    rng = np.random.default_rng(3)
+    viewer.add_points(rng.uniform(0, 511, (200, 2)), name="spots")
+    review = _dock(viewer, "Review cells")
+    assert review.cells.layer() is labels
+    assert review.nuclei.layer() is None  # only the cells combo picks by itself
+    rows = review.count()
+    ids = review.row_cell_ids()
+    assert len(rows) == len(ids) > 10 and ids == sorted(ids)
+    review.cells.setCurrentIndex(0)  # the user's own choice, "(none)", is kept
+    review.cells.activated.emit(0)
+    viewer.add_labels(np.zeros((512, 512), np.int32), name="more labels")
+    assert review.cells.layer() is None

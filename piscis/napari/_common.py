@@ -111,9 +111,15 @@ def connect_until_destroyed(widget, connections) -> None:
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers of some types, kept up to date."""
 
-    def __init__(self, viewer, types, none_text: str | None = None, parent=None):
+    def __init__(
+        self, viewer, types, none_text: str | None = None, parent=None, pick_first: bool = False
+    ):
+        """``pick_first``: with a ``none_text`` item, show the newest layer of the types
+        instead of it until the user picks an item themselves."""
         super().__init__(parent)
         self.viewer, self.types, self.none_text = viewer, tuple(types), none_text
+        self.pick_first, self._chosen = pick_first, False
+        self.activated.connect(self._on_activated)
         self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(12)
         ev = viewer.layers.events
@@ -140,10 +146,15 @@ class LayerCombo(QComboBox):
         idx = self.findText(current)
         if idx < 0 and self.count():
             idx = self.count() - 1 if self.none_text is None else 0
+        if self.pick_first and not self._chosen and idx == 0 and self.none_text is not None:
+            idx = self.count() - 1  # the newest layer (0, the none item, when there is none)
         self.setCurrentIndex(max(idx, 0))
         self.blockSignals(False)
         if self.currentText() != current:
             self.currentIndexChanged.emit(self.currentIndex())
+
+    def _on_activated(self, *_):
+        self._chosen = True
 
     def layer(self):
         name = self.currentText()

@@ -73,7 +73,7 @@ class ReviewWidget(QWidget):
 
         self.image = LayerCombo(napari_viewer, (Image,))
         self.points = LayerCombo(napari_viewer, (Points,))
-        self.cells = LayerCombo(napari_viewer, (Labels,), none_text=NONE)
+        self.cells = LayerCombo(napari_viewer, (Labels,), none_text=NONE, pick_first=True)
         self.nuclei = LayerCombo(napari_viewer, (Labels,), none_text=NONE)
         self.nuclear = LayerCombo(napari_viewer, (Image,))
         self.diameter = QDoubleSpinBox()
@@ -91,6 +91,8 @@ class ReviewWidget(QWidget):
         self.table = QTableWidget(0, len(TABLE_COLUMNS))
         self.table.setHorizontalHeaderLabels([h for _, h in TABLE_COLUMNS])
         self.table.setSortingEnabled(True)
+        self._sorted_by_user = False  # a click on a header: the user's order is kept
+        self.table.horizontalHeader().sectionClicked.connect(self._on_sort_clicked)
         self.table.setSelectionBehavior(QAbstractItemView.SelectRows)
         self.table.setSelectionMode(QAbstractItemView.SingleSelection)
         self.table.verticalHeader().setVisible(False)
@@ -224,7 +226,12 @@ class ReviewWidget(QWidget):
             for j, (key, _) in enumerate(TABLE_COLUMNS):
                 self.table.setItem(i, j, _Item(r[key]))
         self.table.setSortingEnabled(True)
+        if not self._sorted_by_user:  # by cell id, ascending, as the header arrow shows
+            self.table.sortByColumn(0, Qt.AscendingOrder)
         self.table.resizeColumnsToContents()
+
+    def _on_sort_clicked(self, *_):
+        self._sorted_by_user = True
 
     def row_cell_ids(self) -> list[int]:
         """Cell ids in the table's current (sorted) order."""
