@@ -906,9 +906,10 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--tile-size",
-        type=int,
+        type=_tile_size_arg,
         default=1024,
-        help="tile core size in pixels; memory is bounded by it (default 1024)",
+        help="tile core size in pixels; memory is bounded by it (default 1024; smaller "
+        "than 256 counts as 256, as it would only cost time)",
     )
     p.add_argument(
         "--min-snr",
@@ -946,6 +947,18 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
         help="run on a local Dask cluster of N worker processes of one thread each; "
         "needs pip install 'piscis[dask]'",
     )
+
+
+def _tile_size_arg(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of pixels, 1 or more, got {text!r}"
+        )
+    return value
 
 
 def _roi_arg(text: str) -> tuple[float, float, float, float]:

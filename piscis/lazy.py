@@ -342,15 +342,9 @@ class Part:
 
 
 def _grid(shape, net, tile_size: int):
-    from .detect import _round_up, _tiles
-    from .model import receptive_margin
+    from .detect import tile_cores
 
-    h, w = shape
-    mult = net.multiple
-    margin = receptive_margin(net.channels)
-    ys, core_y = _tiles(h, min(tile_size, _round_up(h, mult)), mult)
-    xs, core_x = _tiles(w, min(tile_size, _round_up(w, mult)), mult)
-    return ys, xs, core_y, core_x, margin
+    return tile_cores(shape, net, tile_size)
 
 
 def tile_rows(shape, model, tile_size: int) -> int:

@@ -577,3 +577,15 @@ def test_python_m_piscis(tmp_path):
     assert r.returncode == 2
     assert "ERROR:" in r.stderr and "nothere.csv" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "big"])
+def test_bad_tile_size_is_one_line(tmp_path, capsys, bad):
+    img = tmp_path / "a.tif"
+    tifffile.imwrite(img, np.zeros((32, 32), np.uint16))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["count", str(img), "-o", str(tmp_path / "out"), "--tile-size", bad])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--tile-size" in err and repr(bad) in err
+    assert not (tmp_path / "out").exists()

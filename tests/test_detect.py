@@ -317,3 +317,18 @@ def test_spot_contrast_equals_its_definition(blocks):
     plain = float(np.quantile(band[ok], 0.999))
     assert fast == pytest.approx(ref, rel=1e-12)
     assert ref < 0.5 * plain  # the blobs were taken out: a case that tests something
+
+
+def test_tiny_tile_sizes_are_raised_to_a_useful_core():
+    """Tile size 8 must not run the network on hundreds of times the image."""
+    from piscis.detect import tile_cores
+    from piscis.model import receptive_margin
+
+    net = SpotNet((8, 16, 32, 64))
+    margin = receptive_margin(net.channels)
+    for size in (1, 8, 100):
+        ys, xs, cy, cx, m = tile_cores((1000, 1200), net, size)
+        assert m == margin and cy >= 4 * margin and cx >= 4 * margin
+        assert len(ys) * len(xs) <= 25
+    assert tile_cores((1000, 1200), net, 512)[2:4] == (512, 512)  # larger ones as given
+    assert tile_cores((100, 1200), net, 512)[2] == 104  # never beyond the image (rounded)
