@@ -1165,6 +1165,17 @@ def main(argv: list[str] | None = None) -> int:
             "(the same command again resumes the run)"
         )
         return 130
+    except OSError as e:
+        # The machine refused (a read-only or full disk, an output path that is a file,
+        # no permission): one line that names the path, not a traceback.
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        what = e.strerror or str(e) or type(e).__name__
+        if isinstance(e, (FileExistsError, NotADirectoryError)):
+            what = "a file is in the way of an output folder (give another -o)"
+        elif isinstance(e, IsADirectoryError):
+            what = "a folder is in the way of an output file"
+        logger.error("%s%s; outputs finished before this are complete", where, what)
+        return 1
 
 
 if __name__ == "__main__":

@@ -242,6 +242,13 @@ def estimate_normalization(
     if noise <= floor:
         # Fall back on the spread of all pixels (heavily quantised or clipped).
         spread = 1.4826 * float(np.median(np.abs(values - background)))
+        above = values[values > background] - background
+        if spread <= floor and above.size >= 0.2 * values.size:
+            # Most pixels sit at the background, which is the image minimum, and a good
+            # share above it: noise clipped at zero (an offset or a background taken
+            # away). What is left above is half a normal: its median is 0.6745 sigma.
+            # (A noise-free image has only its spots above: it keeps the floor.)
+            spread = float(np.median(above)) / 0.6745
         noise = max(noise, min(spread, 1e30), floor)
     unit = max(noise, contrast / contrast_ratio) if contrast_ratio > 0 else noise
     return Normalization(background, float(noise), compression, n_nonfinite, float(unit))

@@ -239,8 +239,9 @@ def part_volume(work: Path, shape: tuple[int, int, int], n_spots: int, tiles) ->
             f"| {t} | {len(got)} | {wall:.1f} | {peak:.0f} | "
             f"{100 * (len(got) - n_spots) / n_spots:+.2f}% | {n_hit} of {n_spots} |"
         )
-    if len(files) == 2:
-        print(f"\nvolume: tile sizes {tiles} give identical files: {len(set(files.values())) == 1}")
+    if len(files) > 1:
+        same = len(set(files.values())) == 1
+        print(f"\nvolume: tile sizes {tuple(files)} give identical files: {same}")
 
 
 def _cluster_run(folder: Path, out: Path, n_workers: int) -> tuple[float, list[float], int]:
@@ -303,6 +304,13 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-large", action="store_true")
     ap.add_argument("--skip-folder", action="store_true")
     ap.add_argument("--volume", action="store_true", help="also part 3, the C18 volume")
+    ap.add_argument(
+        "--volume-tiles",
+        type=int,
+        nargs="+",
+        default=None,
+        help="tile sizes of part 3 (default 1024 2048; quick 256 512)",
+    )
     a = ap.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="piscis-bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -318,9 +326,9 @@ def main(argv=None) -> int:
                 part_large(work, 16384, 20000, (1024, 2048))
         if a.volume:
             if a.quick:
-                part_volume(work, (16, 1024, 1024), 3000, (256, 512))
+                part_volume(work, (16, 1024, 1024), 3000, tuple(a.volume_tiles or (256, 512)))
             else:
-                part_volume(work, (64, 4096, 4096), 50000, (1024, 2048))
+                part_volume(work, (64, 4096, 4096), 50000, tuple(a.volume_tiles or (1024, 2048)))
         if not a.skip_folder:
             part_folder(work, *((12, 256) if a.quick else (200, 1024)))
     finally:

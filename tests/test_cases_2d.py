@@ -976,3 +976,20 @@ def test_c18_bad_stream_pixels_setting_is_one_line(tmp_path, capsys, monkeypatch
     assert rc == 2
     assert "PISCIS_STREAM_PIXELS='abc': expected a whole number" in err
     assert "Traceback" not in err
+
+
+@needs_default
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_c01_noise_clipped_at_zero_is_not_stretched_into_spots(default, dtype):
+    """Background taken away (or a camera offset removed) and clipped at 0: more than
+    half the pixels are 0. Pure noise gave 14261 spots when the noise fell to its
+    floor; the spots of a real image must all stay, and nothing else."""
+    rng = np.random.default_rng(11)
+    noise = np.clip(np.round(rng.normal(0.0, 5.0, (512, 512))), 0, None).astype(dtype)
+    assert len(detect(noise, default)) <= 1
+    image, truth = spot_image(rng, (256, 256), n_spots=40)
+    sub = np.clip(image.astype(np.int64) - 100, 0, None).astype(dtype)
+    got = detect(sub, default).coords
+    pi, _ = match(got, truth, 1.5)
+    assert len(got) == 40 and len(pi) == 40, len(got)
+    assert 4.0 < estimate_normalization(noise).noise < 8.0  # sigma 5, from the half above 0

@@ -589,3 +589,16 @@ def test_bad_tile_size_is_one_line(tmp_path, capsys, bad):
     err = capsys.readouterr().err
     assert "--tile-size" in err and repr(bad) in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("blocker", ["out", "out/spots"])
+def test_output_path_taken_by_a_file_is_one_line(tmp_path, capsys, tiny_model, blocker):
+    img = tmp_path / "a.tif"
+    tifffile.imwrite(img, np.zeros((32, 32), np.uint16))
+    (tmp_path / blocker).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / blocker).write_text("not a folder")
+    rc, _, err = _run(capsys, "count", img, "-o", tmp_path / "out", "--model", tiny_model)
+    assert rc == 1
+    lines = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert any("a file is in the way" in line and blocker in line for line in lines), err
+    assert "Traceback" not in err
