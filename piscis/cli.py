@@ -483,6 +483,15 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
     if not 0 < threshold < 1:
         logger.error("--threshold must be a probability between 0 and 1, got %s", threshold)
         return 2
+    # Checked once here, not image by image: a bad value is the same for every image.
+    scale = getattr(args, "scale", None)
+    if scale is not None and not 0.01 <= scale <= 100:
+        logger.error("--scale must be between 0.01 and 100, got %s", scale)
+        return 2
+    min_snr = getattr(args, "min_snr", None)
+    if min_snr is not None and not 0 <= min_snr < float("inf"):
+        logger.error("--min-snr must be 0 or more (0: no significance floor), got %s", min_snr)
+        return 2
     batch.remove_temporaries([spots_dir, out_dir, out_dir / "masks"])
 
     from tqdm import tqdm

@@ -602,3 +602,19 @@ def test_output_path_taken_by_a_file_is_one_line(tmp_path, capsys, tiny_model, b
     lines = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert any("a file is in the way" in line and blocker in line for line in lines), err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "option", [("--scale", "0"), ("--scale", "nan"), ("--min-snr", "-1"), ("--min-snr", "inf")]
+)
+def test_bad_scale_or_min_snr_is_refused_once_before_any_work(tmp_path, tiny_model, capsys, option):
+    images = []
+    for k in range(2):
+        images.append(tmp_path / f"i{k}.tif")
+        tifffile.imwrite(images[-1], _image(20 + k))
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", *images, "-o", out, "--model", tiny_model, *option)
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and option[0] in errors[0], err
+    assert not (out / "spots").exists() or not any((out / "spots").iterdir())
