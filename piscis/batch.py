@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError
+from .io import InputError, whole_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -389,13 +389,9 @@ def stream_pixels(default: int) -> int:
     if text is None:
         return int(default)
     try:
-        value = int(text.strip())
-    except ValueError:
-        value = -1
-    if value < 1:
-        msg = f"PISCIS_STREAM_PIXELS={text!r}: expected a whole number of pixels, 1 or more"
-        raise InputError(msg)
-    return value
+        return whole_pixels(text)
+    except ValueError as e:
+        raise InputError(f"PISCIS_STREAM_PIXELS={text!r}: {e}") from None
 
 
 def task_options(args, model_path: str) -> argparse.Namespace:

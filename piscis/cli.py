@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .io import IMAGE_SUFFIXES, InputError
+from .io import IMAGE_SUFFIXES, InputError, whole_pixels
 
 logger = logging.getLogger("piscis")
 
@@ -480,13 +480,13 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         logger.error("%s", e)
         return 2
     threshold = model.threshold if args.threshold is None else args.threshold
-    if not 0 < threshold < 1:
-        logger.error("--threshold must be a probability between 0 and 1, got %s", threshold)
-        return 2
     # Checked once here, not image by image: a bad value is the same for every image.
-    scale = getattr(args, "scale", None)
-    if scale is not None and not 0.01 <= scale <= 100:
-        logger.error("--scale must be between 0.01 and 100, got %s", scale)
+    from .detect import check_decoding
+
+    try:
+        check_decoding(threshold, getattr(args, "scale", None))
+    except ValueError as e:
+        logger.error("--%s", e)
         return 2
     min_snr = getattr(args, "min_snr", None)
     if min_snr is not None and not 0 <= min_snr < float("inf"):
@@ -960,14 +960,9 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
 
 def _tile_size_arg(text: str) -> int:
     try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number of pixels, 1 or more, got {text!r}"
-        )
-    return value
+        return whole_pixels(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from None
 
 
 def _roi_arg(text: str) -> tuple[float, float, float, float]:

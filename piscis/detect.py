@@ -242,7 +242,7 @@ def estimate_normalization(
     if noise <= floor:
         # Fall back on the spread of all pixels (heavily quantised or clipped).
         spread = 1.4826 * float(np.median(np.abs(values - background)))
-        above = values[values > background] - background
+        above = values[values > background] - background if spread <= floor else values[:0]
         if spread <= floor and above.size >= 0.2 * values.size:
             # Most pixels sit at the background, which is the image minimum, and a good
             # share above it: noise clipped at zero (an offset or a background taken
@@ -276,6 +276,15 @@ def _tiles(length: int, core: int, multiple: int):
     """Start positions of the cores along one axis; cores are multiples of ``multiple``."""
     core = max(multiple, (core // multiple) * multiple)
     return list(range(0, length, core)), core
+
+
+def check_decoding(threshold: float, scale: float | None = None) -> None:
+    """ValueError, its message starting with the option's name, for a threshold that is
+    not a probability in (0, 1) or a scale outside 0.01-100 (None: not checked)."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+    if scale is not None and not 0.01 <= scale <= 100:
+        raise ValueError(f"scale must be between 0.01 and 100, got {scale}")
 
 
 def tile_cores(shape, net, tile_size: int):
@@ -768,10 +777,7 @@ def detect(
     loaded = load_model(model)
     threshold = loaded.threshold if threshold is None else float(threshold)
     scale = loaded.scale if scale is None else float(scale)
-    if not (0.0 < threshold < 1.0):
-        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
-    if not (0.01 <= scale <= 100):
-        raise ValueError(f"scale must be between 0.01 and 100, got {scale}")
+    check_decoding(threshold, scale)
     box = None if roi is None else clip_roi(roi, image.shape[-2:], name)
     min_snr = loaded.min_snr if min_snr is None else float(min_snr)
     if ndim == 3:

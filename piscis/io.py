@@ -905,6 +905,18 @@ def _read_tiff_quietly(path: Path) -> _Raw:
     return _Raw(np.asarray(data), axes, source, spacing)
 
 
+def whole_pixels(text: str) -> int:
+    """A number of pixels written as text (an option, an environment variable): a whole
+    number, 1 or more; ValueError saying so otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError("expected a whole number of pixels, 1 or more")
+    return value
+
+
 def tiff_error_text(e: BaseException) -> str:
     """tifffile's complaint in one short line, saying so when the file ends too early."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -341,17 +341,12 @@ class Part:
     n_tiles: int = 0
 
 
-def _grid(shape, net, tile_size: int):
-    from .detect import tile_cores
-
-    return tile_cores(shape, net, tile_size)
-
-
 def tile_rows(shape, model, tile_size: int) -> int:
     """Number of tile rows of an image of ``shape`` (for splitting it into bands)."""
+    from .detect import tile_cores
     from .io import load_model
 
-    return len(_grid(shape, load_model(model).net, tile_size)[0])
+    return len(tile_cores(shape, load_model(model).net, tile_size)[0])
 
 
 def check_memory(tile: int | tuple[int, int], name: str = "image", margin: int = 64) -> None:
@@ -414,12 +409,12 @@ def detect_blocks(
     run through the network and decoded; a spot is kept if its peak pixel lies in the
     tile's core, and measured on the tile's window. Scale 1 only.
     """
-    from .detect import _finish, _forward, _to_image_frame, decode
+    from .detect import _finish, _forward, _to_image_frame, decode, tile_cores
     from .io import load_model
 
     net = load_model(model).net
     h, w = plane.shape
-    ys, xs, core_y, core_x, margin = _grid(plane.shape, net, tile_size)
+    ys, xs, core_y, core_x, margin = tile_cores(plane.shape, net, tile_size)
     rows = range(len(ys)) if rows is None else rows
     check_memory((core_y, core_x), plane.name if hasattr(plane, "name") else "image", margin)
     total = len(rows) * len(xs)
@@ -507,19 +502,19 @@ def detect_lazy(
         The tile size does not fit in the memory available (the message suggests a
         smaller ``--tile-size``).
     """
+    from .detect import check_decoding, tile_cores
     from .io import load_model
 
     loaded = load_model(model)
     threshold = loaded.threshold if threshold is None else float(threshold)
     scale = loaded.scale if scale is None else float(scale)
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+    check_decoding(threshold)
     if scale != 1.0:
         msg = (
             f"{name}: --scale {scale:g} is not available for images streamed from the file (only 1)"
         )
         raise NotImplementedError(msg)
-    _, _, core_y, core_x, margin = _grid(plane.shape, loaded.net, tile_size)
+    _, _, core_y, core_x, margin = tile_cores(plane.shape, loaded.net, tile_size)
     check_memory((core_y, core_x), name, margin)  # before the normalisation's reads
     norm = lazy_normalization(plane, loaded.compression, loaded.contrast_ratio)
     min_snr = loaded.min_snr if min_snr is None else float(min_snr)

@@ -43,6 +43,14 @@ def jittered_grid(shape, n: int, seed: int = 0, jitter: float = 0.25, margin: fl
     return pts[np.lexsort((pts[:, 1], pts[:, 0]))]
 
 
+def _noisy_tile(shape, coords, sigmas, amps, background, noise_sd, key) -> np.ndarray:
+    """Spots over a flat background plus Gaussian noise from a generator seeded by
+    ``key`` (the tile's own), rounded to uint16."""
+    img = background + render_spots(shape, coords, sigmas, amps)
+    img += np.random.default_rng(key).normal(0, noise_sd, img.shape)
+    return np.clip(np.round(img), 0, 65535).astype(np.uint16)
+
+
 def render_field(
     coords: np.ndarray,
     seed: int = 0,
@@ -63,12 +71,8 @@ def render_field(
         near = coords[lo:hi]
         near = near[(near[:, 1] >= x0 - reach) & (near[:, 1] < x0 + tw + reach)]
         local = near - [y0, x0]
-        img = background + render_spots(
-            (th, tw), local, np.full(len(local), sigma), np.full(len(local), amp)
-        )
-        rng = np.random.default_rng([seed, y0, x0])
-        img += rng.normal(0, noise_sd, img.shape)
-        return np.clip(np.round(img), 0, 65535).astype(np.uint16)
+        sigmas, amps = np.full(len(local), sigma), np.full(len(local), amp)
+        return _noisy_tile((th, tw), local, sigmas, amps, background, noise_sd, [seed, y0, x0])
 
     return tile
 
@@ -156,12 +160,8 @@ def render_volume_plane(
             & (near[:, 2] < x0 + tw + reach)
         ]
         amps = amp * np.exp(-((near[:, 0] - z) ** 2) / (2 * sigma_z**2))
-        img = background + render_spots(
-            (th, tw), near[:, 1:] - [y0, x0], np.full(len(near), sigma_yx), amps
-        )
-        rng = np.random.default_rng([seed, z, y0, x0])
-        img += rng.normal(0, noise_sd, img.shape)
-        return np.clip(np.round(img), 0, 65535).astype(np.uint16)
+        local, sigmas = near[:, 1:] - [y0, x0], np.full(len(near), sigma_yx)
+        return _noisy_tile((th, tw), local, sigmas, amps, background, noise_sd, [seed, z, y0, x0])
 
     return tile
 
