@@ -54,10 +54,13 @@ class Normalization:
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
-        if image.dtype == np.float64:
+        if image.dtype == np.float64 or not 0 < np.float32(self.unit) < np.inf:
             # Scaled in double precision: float64 data may lie outside float32's range
-            # (1e-40 or 1e300 per grey level); the result is the same size as ever.
-            z = ((image - self.background) / self.unit).astype(np.float32)
+            # (1e-40 or 1e300 per grey level), and so may the unit of a flat image; the
+            # result is the same size as ever.
+            z = ((image.astype(np.float64, copy=False) - self.background) / self.unit).astype(
+                np.float32
+            )
         else:
             z = (image.astype(np.float32, copy=False) - np.float32(self.background)) / np.float32(
                 self.unit
@@ -122,6 +125,10 @@ def _band_gain() -> float:
 
 BAND_GAIN = _band_gain()
 
+
+# Unclipped pixels (with 3 px around them) must cover this share of the image for their
+# spread to be the noise when the median itself is clipped.
+MIN_BACKGROUND_SHARE = 0.25
 
 BLOB_AREA = 50  # px above half the contrast level: larger objects are not spots
 
@@ -195,6 +202,16 @@ def _spot_contrast(band: np.ndarray, ok: np.ndarray) -> float:
     return level
 
 
+def _half_normal(above: np.ndarray) -> bool:
+    """Whether positive values look like the upper half of a normal (clipped noise).
+
+    Half a normal has its quartiles at 0.47 and 1.70 times its median; the tails of
+    noise-free spots span orders of magnitude (1e-6 to 100 grey levels).
+    """
+    q25, q50, q75 = np.quantile(above, [0.25, 0.5, 0.75])
+    return bool(q50 > 0 and 0.3 * q50 <= q25 <= 0.65 * q50 and 1.4 * q50 <= q75 <= 2.1 * q50)
+
+
 def estimate_normalization(
     image: np.ndarray, compression: float = COMPRESSION, contrast_ratio: float = CONTRAST_RATIO
 ) -> Normalization:
@@ -233,21 +250,35 @@ def estimate_normalization(
     ok = ndi.minimum_filter(ok.astype(np.uint8), size=size, mode="constant") > 0
     vals = band[ok]
     noise, contrast = 0.0, 0.0
-    if vals.size > 100:
+    # When the median is the image's minimum or maximum, the background itself is
+    # clipped (or flat: a noise-free rendering). If the unclipped pixels are then only a
+    # few, they are spots and their tails, not background, and their spread is no noise
+    # figure (it gave 20, 26, 0 and 20 spots for one noise-free image as uint16,
+    # float16, float32 and float64). A mosaic padded with zeros keeps its tissue's.
+    background_clipped = background <= lo or background >= hi
+    spots_only = background_clipped and vals.size < MIN_BACKGROUND_SHARE * values.size
+    if vals.size > 100 and not spots_only:
         noise = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) / BAND_GAIN
         contrast = _spot_contrast(band, ok)
+    elif spots_only:
+        # The spots still set the contrast, measured over every finite pixel.
+        contrast = _spot_contrast(band, finite)
     integer = np.issubdtype(arr.dtype, np.integer)
-    # Relative for float data, whatever its scale (1e-20 per grey level is still data).
-    floor = 0.5 if integer else max(1e-6 * float(hi - lo), float(np.finfo(np.float64).tiny))
+    # Half a grey level for integers; for float data relative to the range (1e-20 per
+    # grey level is still data) and at least half a step of the type at the background
+    # (float16 data near 100 come in steps of 0.0625).
+    step = 0.5 * float(np.spacing(arr.dtype.type(background))) if arr.dtype.kind == "f" else 0.0
+    floor = 0.5 if integer else max(1e-6 * float(hi - lo), step, float(np.finfo(np.float64).tiny))
     if noise <= floor:
         # Fall back on the spread of all pixels (heavily quantised or clipped).
         spread = 1.4826 * float(np.median(np.abs(values - background)))
         above = values[values > background] - background if spread <= floor else values[:0]
-        if spread <= floor and above.size >= 0.2 * values.size:
+        if spread <= floor and above.size >= 0.2 * values.size and _half_normal(above):
             # Most pixels sit at the background, which is the image minimum, and a good
             # share above it: noise clipped at zero (an offset or a background taken
             # away). What is left above is half a normal: its median is 0.6745 sigma.
-            # (A noise-free image has only its spots above: it keeps the floor.)
+            # (A noise-free image has only spots and their tails above: it keeps the
+            # floor, and its unit comes from the contrast.)
             spread = float(np.median(above)) / 0.6745
         noise = max(noise, min(spread, 1e30), floor)
     unit = max(noise, contrast / contrast_ratio) if contrast_ratio > 0 else noise

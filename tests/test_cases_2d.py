@@ -919,6 +919,49 @@ def test_c16_review_widget(make_napari_viewer, qtbot, _plugin_env, tmp_path):
 
 
 @needs_default
+@pytest.mark.parametrize("tails", ["cut", "full"])
+def test_c02_noise_free_image_gives_the_same_spots_in_every_dtype(default, tails):
+    """A rendering with no noise (a flat background of 20 and 20 spots of 200) in every
+    integer and float dtype, both byte orders: the same 20 spots each time. Before,
+    uint16, float16, float32 and float64 gave 20, 26, 0 and 20 spots: the few pixels
+    above the flat background are spots, and their spread was taken for the noise.
+    ``full`` keeps every spot's Gaussian tail to the edge of the image (float64 holds
+    values 1e-14 above the background far from any spot); ``cut`` stops it at 4 sigma."""
+    rng = np.random.default_rng(2020)
+    truth = rng.uniform(8, 120, (20, 2))
+    while (
+        np.min(np.hypot(*(truth[:, None] - truth[None]).transpose(2, 0, 1))[np.triu_indices(20, 1)])
+        < 8
+    ):
+        truth = rng.uniform(8, 120, (20, 2))
+    if tails == "cut":
+        flat = 20.0 + render_spots((128, 128), truth, np.full(20, 1.0), np.full(20, 200.0))
+    else:
+        yy, xx = np.mgrid[:128, :128]
+        flat = 20.0 + sum(200 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / 2) for y, x in truth)
+    dtypes = ["u1", "u2", "<u2", ">u2", "i2", ">i4", "u4", "f2", "<f4", ">f4", "f8", ">f8"]
+    for dt in dtypes:
+        kind = np.dtype(dt).kind
+        data = (np.round(flat) if kind in "iu" else flat).astype(dt)
+        got = detect(data, default).coords
+        pi, _ = match(got, truth, 1.0)
+        assert len(got) == 20 and len(pi) == 20, (dt, len(got), len(pi))
+
+
+@needs_default
+@pytest.mark.parametrize("dtype", ["u1", "u2", "i4", "f2", "f4", ">f4", "f8"])
+@pytest.mark.parametrize("value", [0, 7])
+def test_c02_flat_image_gives_no_spots_and_no_warning(default, dtype, value):
+    """A flat image (a blank frame, a dead camera) of any dtype: 0 spots, and no numpy
+    RuntimeWarning (a float32 frame of zeros divided 0 by 0)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(detect(np.full((64, 64), value, dtype), default)) == 0
+
+
+@needs_default
 def test_c02_float_images_at_any_scale_give_the_same_spots(default):
     """Float data in any unit: 1e-40 or 1e300 per grey level (beyond float32's range in
     float64), negative offsets; the same spots as the integer image."""
