@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from .detect import Maps, Spots, _logit, spots_from_maps
+from .crowding import add_crowded
+from .detect import Maps, Spots, _logit, in_box, spots_from_maps, subset
 from .io import MODELS_DIR, InputError, atomic_write_text, table_text, to_plane
 
 logger = logging.getLogger(__name__)
@@ -46,19 +47,31 @@ class SpotCandidates:
     logits: np.ndarray  # float32 pooled logit of each spot, the value decode compares
     min_threshold: float = MIN_THRESHOLD
     n_nonfinite: int = 0  # NaN or infinite pixels of the image, left out of the statistics
+    # For the dense clusters of the spots kept at a threshold (None: not fitted): the
+    # image, its noise and the measuring radius, and the offset of the spots' frame.
+    image: np.ndarray | None = None
+    noise: float = 0.0
+    radius: float = 2.0
+    origin: tuple[float, float] = (0.0, 0.0)
+    box: tuple[int, int, int, int] | None = None  # a ROI (y0, y1, x0, x1): spots kept in it
 
     @classmethod
     def from_maps(
         cls, maps: Maps, image: np.ndarray, min_threshold: float = MIN_THRESHOLD
     ) -> SpotCandidates:
-        spots = spots_from_maps(maps, image, min_threshold)
+        spots = spots_from_maps(maps, image, min_threshold, crowded=False)
         s = np.clip(spots.score.astype(np.float64), 1e-300, None)
         with np.errstate(divide="ignore"):
             logits = (np.log(s) - np.log1p(-s)).astype(np.float32)  # exact float32 round trip
-        return cls(spots, logits, float(min_threshold))
+        return cls(
+            spots, logits, float(min_threshold), image=image, noise=maps.noise,
+            radius=2.0 / maps.scale,
+        )  # fmt: skip
 
     def __len__(self) -> int:
-        return len(self.spots)
+        if self.box is None:
+            return len(self.spots)
+        return int(np.count_nonzero(in_box(self.spots.coords, self.box)))
 
     def mask(self, threshold: float) -> np.ndarray:
         threshold = float(threshold)
@@ -74,10 +87,20 @@ class SpotCandidates:
         keep = self.mask(threshold)
         s = self.spots
         extra = {k: np.asarray(v)[keep] for k, v in s.extra.items()}
-        return Spots(s.coords[keep], s.score[keep], s.intensity[keep], s.background[keep], extra)
+        spots = Spots(s.coords[keep], s.score[keep], s.intensity[keep], s.background[keep], extra)
+        if self.image is None:
+            return spots
+        # Dense clusters depend on which spots are kept: fitted at each threshold.
+        shift = np.asarray(self.origin, dtype=float)
+        spots.coords = spots.coords - shift
+        spots = add_crowded(self.image, spots, self.noise, self.radius)
+        spots.coords = spots.coords + shift
+        return spots if self.box is None else subset(spots, in_box(spots.coords, self.box))
 
     def count(self, threshold: float) -> int:
-        return int(np.count_nonzero(self.mask(threshold)))
+        if self.image is None:
+            return int(np.count_nonzero(self.mask(threshold)))
+        return len(self.at(threshold))
 
 
 def detect_candidates(
@@ -97,7 +120,7 @@ def detect_candidates(
     whole image's inside the ROI, in the whole image's coordinates (as
     :func:`piscis.detect.detect` gives them).
     """
-    from .detect import clip_roi, in_box, model_normalization, predict_maps, roi_window, subset
+    from .detect import clip_roi, model_normalization, predict_maps, roi_window
 
     norm = model_normalization(image, model)
     if norm.n_nonfinite:
@@ -113,8 +136,12 @@ def detect_candidates(
     maps, _ = predict_maps(window, model, norm=norm, scale=scale, progress=progress)
     cands = SpotCandidates.from_maps(maps, window, min_threshold)
     origin = (float(wy0), float(wx0))
-    keep = in_box(cands.spots.coords + np.asarray(origin), box)
-    out = SpotCandidates(subset(cands.spots, keep, origin), cands.logits[keep], min_threshold)
+    # The window's spots are kept for fitting dense clusters, and cut to the ROI after.
+    out = SpotCandidates(
+        subset(cands.spots, np.ones(len(cands.spots), bool), origin), cands.logits,
+        min_threshold, image=window, noise=cands.noise, radius=cands.radius, origin=origin,
+        box=box,
+    )  # fmt: skip
     out.n_nonfinite = norm.n_nonfinite
     return out
 

@@ -380,7 +380,11 @@ def merge_bands(job: Job, opts, plan: Plan, parts: list) -> Result:
         logger.warning(
             "%s: %d non-finite (NaN or infinite) pixels are ignored", job.path, n_nonfinite
         )
-    return _spots_result(job, opts, merge_parts(parts), plan.shape)
+    from .lazy import open_lazy
+
+    plane = open_lazy(job.file or job.path, channel=opts.channel, axes=opts.axes)
+    spots = merge_parts(parts, plane, plan.norm.noise, job.path)
+    return _spots_result(job, opts, spots, plan.shape)
 
 
 def stream_pixels(default: int) -> int:

@@ -43,8 +43,8 @@ CELL_COLUMNS = ["cell_id", "area", "n_spots", "n_spots_nucleus", "n_spots_cytopl
 
 # A cell is "dense" when one of its spots has at least DENSE_NEIGHBOURS other spots within
 # DENSE_RADIUS px: a local density of (4 + 1) / (pi 6^2) = 0.044 spots/px^2, about one spot
-# per 5 x 5 px. Denser spots are not all resolved (README, resolution limit: a grid of
-# spots 4 px apart is seen as a few blobs), so counts in such cells are lower bounds.
+# per 5 x 5 px. The network does not resolve every spot past it (README, resolution
+# limit): such clusters are fitted spot by spot (piscis.crowding), and flagged for review.
 DENSE_RADIUS = 6.0
 DENSE_NEIGHBOURS = 4
 

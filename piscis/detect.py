@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from .crowding import add_crowded
 from .model import SpotNet, receptive_margin
 
 logger = logging.getLogger(__name__)
@@ -643,11 +644,15 @@ class Spots:
         return cols
 
 
-def spots_from_maps(maps: Maps, image: np.ndarray, threshold: float, radius: float = 2.0) -> Spots:
-    """Decode cached maps at ``threshold`` and measure the spots on ``image``."""
+def spots_from_maps(
+    maps: Maps, image: np.ndarray, threshold: float, radius: float = 2.0, crowded: bool = True
+) -> Spots:
+    """Decode cached maps at ``threshold`` and measure the spots on ``image``; with
+    ``crowded``, dense clusters are fitted as :func:`detect` fits them."""
     coords, scores, _ = decode(maps.logit, maps.disp, threshold)
     coords, scores = _to_image_frame(coords, scores, maps.scale, image.shape)
-    return _finish(image, coords, scores, radius / maps.scale, maps.noise, maps.min_snr)
+    spots = _finish(image, coords, scores, radius / maps.scale, maps.noise, maps.min_snr)
+    return add_crowded(image, spots, maps.noise, radius / maps.scale) if crowded else spots
 
 
 def _to_image_frame(coords, scores, scale: float, shape):
@@ -830,11 +835,10 @@ def detect(
         wy0, wy1, wx0, wx1 = roi_window(box, image.shape, loaded.net)
         plane, origin = image[wy0:wy1, wx0:wx1], np.array([wy0, wx0], dtype=float)
     coords, scores = _plane_peaks(plane, loaded.net, norm, threshold, scale, tile_size, progress)
-    coords = coords + origin
-    if box is not None:
-        keep = in_box(coords, box)
-        coords, scores = coords[keep], scores[keep]
-    return _finish(image, coords, scores, 2.0 / scale, norm.noise, min_snr)
+    spots = _finish(image, coords + origin, scores, 2.0 / scale, norm.noise, min_snr)
+    # Dense clusters are fitted with every detection the network saw around them.
+    spots = add_crowded(image, spots, norm.noise, 2.0 / scale, name)
+    return spots if box is None else subset(spots, in_box(spots.coords, box))
 
 
 def _plane_peaks(image, net, norm, threshold, scale, tile_size, progress=None):

@@ -467,8 +467,13 @@ def detect_blocks(
     return Part(*cols, n_nonfinite=n_nonfinite, n_tiles=done)
 
 
-def merge_parts(parts: list[Part]):
-    """One :class:`piscis.detect.Spots` table from bands of tiles, sorted as detect sorts."""
+def merge_parts(parts: list[Part], plane=None, noise: float = 0.0, name: str = "image"):
+    """One :class:`piscis.detect.Spots` table from bands of tiles, sorted as detect sorts.
+
+    With the ``plane`` and its ``noise``, dense clusters are fitted as
+    :func:`piscis.detect.detect` fits them, reading only windows around them.
+    """
+    from .crowding import add_crowded
     from .detect import Spots
 
     coords = np.concatenate([p.coords for p in parts]).reshape(-1, 2)
@@ -476,7 +481,8 @@ def merge_parts(parts: list[Part]):
         np.concatenate([getattr(p, k) for p in parts]) for k in ("score", "intensity", "background")
     ]
     order = np.lexsort((coords[:, 1], coords[:, 0])) if len(coords) else np.zeros(0, int)
-    return Spots(coords[order], *(c[order] for c in cols))
+    spots = Spots(coords[order], *(c[order] for c in cols))
+    return spots if plane is None else add_crowded(plane, spots, noise, 2.0, name)
 
 
 def detect_lazy(
@@ -523,4 +529,4 @@ def detect_lazy(
         logger.warning(
             "%s: %d non-finite (NaN or infinite) pixels are ignored", name, part.n_nonfinite
         )
-    return merge_parts([part])
+    return merge_parts([part], plane, norm.noise, name)

@@ -310,7 +310,14 @@ def test_huge_image_is_split_into_band_tasks(cluster, tmp_path, monkeypatch, mod
     args = ["count", str(tmp_path / "h.zarr"), "-q", "--tile-size", "256"]
     assert cli.main([*args, "-o", str(out_c), "--scheduler", cluster.scheduler_address]) == 0
     assert cli.main([*args, "-o", str(out_s)]) == 0
-    assert output_files(out_c) == output_files(out_s)
+    # The band tasks run torch on one thread, this process on two: a position may round
+    # the other way in its 4th decimal (seen: 276.6490 against 276.6489).
+    files_c, files_s = output_files(out_c), output_files(out_s)
+    table_c, table_s = files_c.pop("spots/h.csv"), files_s.pop("spots/h.csv")
+    assert files_c == files_s
+    a = np.loadtxt(table_c.decode().splitlines(), delimiter=",", skiprows=1)
+    b = np.loadtxt(table_s.decode().splitlines(), delimiter=",", skiprows=1)
+    assert a.shape == b.shape and np.max(np.abs(a - b)) <= 2e-4
     ref = detect(np.asarray(lazy.open_lazy(tmp_path / "h.zarr")), model, tile_size=256)
     assert int(_summary(out_s)[0]["n_spots"]) == len(ref) >= 145
 
