@@ -36,7 +36,9 @@ from .io import InputError, whole_pixels
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FolderBusy",
     "Job",
+    "OutputLock",
     "Plan",
     "Result",
     "RunState",
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 RECORD_NAME = ".piscis-run.jsonl"  # the run record, inside the output folder
+LOCK_NAME = ".piscis.lock"  # held by the run writing to the output folder
 SPLIT_PIXELS = 4096 * 4096  # streamed images larger than this are split into bands on a cluster
 BAND_ROWS = 2  # tile rows per band task
 # The options that make two runs the same command (-q, -v, --scheduler, --workers,
@@ -670,6 +673,156 @@ def run_record(command: str, args, images: list[Path], model_path: str) -> dict:
         "options": opts,
         "images": [str(f) for f in images],
     }
+
+
+class FolderBusy(InputError):
+    """Another run holds the output folder's lock; the message names the folder and it."""
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when process ``pid`` runs on this machine (or may: not ours to signal)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+class OutputLock:
+    """The lock file ``FOLDER/.piscis.lock`` of the run writing to an output folder.
+
+    Taken with ``O_CREAT | O_EXCL`` (atomic, also on NFS v3+), it holds the pid and host
+    of its run. A lock whose pid no longer runs on this host is stale (a killed run):
+    it is taken over with a warning. A lock of another host, or of a live pid, makes
+    :meth:`acquire` raise :class:`FolderBusy`. Use as a context manager, or call
+    :meth:`release` in a ``finally``.
+    """
+
+    STALE_EMPTY_S = 10.0  # a lock without its pid (cut short) older than this is stale
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.held = False
+        self.created_folder = False
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _owner(self) -> dict | None:
+        """The lock's content; None when it is gone; {} when it cannot be read."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            owner = json.loads(text)
+        except json.JSONDecodeError:
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def _stale(self, owner: dict) -> bool:
+        import socket
+
+        if not owner:  # written by a run killed between creating and filling it
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except OSError:
+                return False
+            return age > self.STALE_EMPTY_S
+        pid = owner.get("pid")
+        if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
+            return False  # another machine's process: we cannot tell
+        return not _pid_alive(pid)
+
+    def _take_over(self, owner: dict) -> bool:
+        """Move a stale lock aside; False when another run changed it meanwhile."""
+        aside = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # gone already: try to create it again
+        moved = self._read_aside(aside)
+        if moved != owner:  # another run's fresh lock: put it back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        pid = owner.get("pid", "?")
+        logger.warning(
+            "%s: taking over the lock of an earlier piscis run (pid %s on %s) that is no "
+            "longer running",
+            self.folder,
+            pid,
+            owner.get("host", "this machine"),
+        )
+        return True
+
+    @staticmethod
+    def _read_aside(path: Path) -> dict:
+        try:
+            owner = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def acquire(self) -> None:
+        """Take the lock, creating the folder if needed; :class:`FolderBusy` if held."""
+        import socket
+
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.created_folder = True
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:
+                    continue  # released meanwhile
+                if not self._stale(owner):
+                    raise FolderBusy(self._busy_message(owner)) from None
+                self._take_over(owner)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me) + "\n")
+            self.held = True
+            return
+        raise FolderBusy(self._busy_message(self._owner() or {}))
+
+    def _busy_message(self, owner: dict) -> str:
+        pid, host = owner.get("pid", "unknown"), owner.get("host", "unknown host")
+        return (
+            f"{self.folder}: another piscis run (pid {pid} on {host}) is writing to this "
+            f"folder; wait for it to end or choose another output folder (if no such run "
+            f"is left, delete {self.path})"
+        )
+
+    def release(self) -> None:
+        """Remove the lock (if this run holds it), and the folder if :meth:`acquire`
+        made it and nothing was written to it."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        if self.created_folder:
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass  # holds results
 
 
 def output_files(folder: Path) -> dict[str, bytes]:

@@ -406,6 +406,13 @@ def _write_labels(path: Path, labels: np.ndarray) -> None:
 
 
 def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as held:  # the output folder's lock, released on any exit
+        return _batch(args, spots_dir, summary_path, held)
+
+
+def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     from . import batch
     from .cells import CELL_COLUMNS
     from .io import atomic_write_text, load_model, model_dir, table_text
@@ -449,6 +456,37 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         except InputError as e:
             logger.error("%s", e)
             return 2
+    try:
+        model = load_model(model_path)
+    except (InputError, OSError) as e:
+        logger.error("%s", e)
+        return 2
+    threshold = model.threshold if args.threshold is None else args.threshold
+    # Checked once here, not image by image: a bad value is the same for every image.
+    from .detect import check_decoding
+
+    try:
+        check_decoding(threshold, getattr(args, "scale", None))
+    except ValueError as e:
+        logger.error("--%s", e)
+        return 2
+    min_snr = getattr(args, "min_snr", None)
+    if min_snr is not None and not 0 <= min_snr < float("inf"):
+        logger.error("--min-snr must be 0 or more (0: no significance floor), got %s", min_snr)
+        return 2
+    try:
+        opts = batch.task_options(args, model_path)
+    except InputError as e:
+        logger.error("%s", e)
+        return 2
+    # One run at a time in an output folder: the checks below and the writes are its own.
+    lock = batch.OutputLock(out_dir)
+    try:
+        lock.acquire()
+    except batch.FolderBusy as e:
+        logger.error("%s", e)
+        return 2
+    held.callback(lock.release)
     state = batch.RunState(out_dir)
     record = batch.run_record(args.command, args, images, model_path)
     resume = False
@@ -474,24 +512,6 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
             return 2
     else:
         state.reset()
-    try:
-        model = load_model(model_path)
-    except (InputError, OSError) as e:
-        logger.error("%s", e)
-        return 2
-    threshold = model.threshold if args.threshold is None else args.threshold
-    # Checked once here, not image by image: a bad value is the same for every image.
-    from .detect import check_decoding
-
-    try:
-        check_decoding(threshold, getattr(args, "scale", None))
-    except ValueError as e:
-        logger.error("--%s", e)
-        return 2
-    min_snr = getattr(args, "min_snr", None)
-    if min_snr is not None and not 0 <= min_snr < float("inf"):
-        logger.error("--min-snr must be 0 or more (0: no significance floor), got %s", min_snr)
-        return 2
     batch.remove_temporaries([spots_dir, out_dir, out_dir / "masks"])
 
     from tqdm import tqdm
@@ -556,12 +576,6 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         unit="image",
         disable=args.quiet or len(images) < 2,
     )
-    try:
-        opts = batch.task_options(args, model_path)
-    except InputError as e:
-        bar.close()
-        logger.error("%s", e)
-        return 2
     failed: dict[int, tuple[str, str]] = {}
     client = None
     if args.scheduler is not None or args.workers is not None:

@@ -21,6 +21,7 @@ from skimage import io as skio
 
 import piscis
 from piscis import cli
+from piscis.batch import LOCK_NAME
 from piscis.batch import RECORD_NAME as RECORD
 
 SPOT_COLUMNS = ["y", "x", "score", "intensity", "background"]
@@ -161,6 +162,47 @@ def test_count_threshold_is_recorded(tmp_path, tiny_model, capsys):
     rc, _, _ = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--threshold", "0.3")
     assert rc == 0
     assert float(_table(out / "summary.csv")[1][0]["threshold"]) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("host", ["this", "other"])
+def test_a_folder_locked_by_a_live_run_is_refused_and_untouched(tmp_path, tiny_model, capsys, host):
+    import json
+    import socket
+
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, _image(60))
+    out = tmp_path / "out"
+    out.mkdir()
+    name = socket.gethostname() if host == "this" else socket.gethostname() + "-elsewhere"
+    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": name}))
+    before = _snapshot(out)
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert str(out) in errors[0] and f"pid {os.getpid()}" in errors[0] and name in errors[0]
+    assert _snapshot(out) == before  # the other run's lock stays; nothing written
+
+
+def test_the_lock_of_a_dead_run_is_taken_over_and_released(tmp_path, tiny_model, capsys):
+    import json
+    import socket
+
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, _image(61))
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=60)  # its pid is now free
+    lock = {"pid": child.pid, "host": socket.gethostname()}
+    (out / LOCK_NAME).write_text(json.dumps(lock))
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "taking over the lock" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING")
+    assert f"pid {child.pid}" in warnings[0]
+    assert not (out / LOCK_NAME).exists()  # released at the end
+    assert len(_table(out / "summary.csv")[1]) == 1
 
 
 # --------------------------------------------------------------------------- detect
