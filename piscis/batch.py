@@ -632,6 +632,46 @@ class RunState:
         self.path.unlink(missing_ok=True)
         self._lines = []
 
+    def outputs(self) -> list[Path]:
+        """The files the recorded run wrote, as its record names them: the spot table and
+        masks of each finished image, and ``piscis count``'s summary.csv (and cells.csv in
+        cells mode). Only paths inside the output folder."""
+        lines = self._read()
+        run = lines[0].get("run") if lines else None
+        if not isinstance(run, dict):
+            return []
+        folder = self.path.parent
+        count = run.get("command") == "count"
+        files = [folder / "summary.csv"] if count else []
+        if count and (run.get("options") or {}).get("cells_mode"):
+            files.append(folder / "cells.csv")
+        spots = folder / "spots" if count else folder
+        for rec in lines[1:]:
+            name = rec.get("name")
+            if isinstance(name, str) and name and Path(name).name == name:
+                files.append(spots / f"{name}.csv")
+            files += [folder / f for f in rec.get("files", []) if isinstance(f, str)]
+        top = folder.resolve()
+        return [f for f in files if f.resolve().is_relative_to(top) and f.resolve() != top]
+
+    def clear(self) -> int:
+        """Remove the recorded run's outputs (:meth:`outputs`) and the record, for a run
+        with ``--overwrite``: the folder then holds only the new run's results, never an
+        old table of an image that fails or is left out this time. Files the record does
+        not name (the user's) stay. Returns the number of files removed."""
+        removed = 0
+        for f in self.outputs():
+            if f.is_file() or f.is_symlink():
+                f.unlink()
+                removed += 1
+                if f.parent != self.path.parent:
+                    try:  # an emptied masks/ or spots/ folder
+                        f.parent.rmdir()
+                    except OSError:
+                        pass
+        self.reset()
+        return removed
+
     def done(self, name: str, target: Path) -> dict | None:
         """The record of an image whose outputs are all there, else None."""
         for rec in reversed(self._read()[1:]):

@@ -511,6 +511,11 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
             )
             return 2
     else:
+        # The earlier run's results go, also those this run will not write again (its
+        # failures, images not among these inputs); the user's own files stay.
+        removed = sum(batch.RunState(d).clear() for d in dict.fromkeys([out_dir, spots_dir]))
+        if removed:
+            logger.info("--overwrite: removed %d file(s) of the earlier run", removed)
         state.reset()
     batch.remove_temporaries([spots_dir, out_dir, out_dir / "masks"])
 
@@ -952,7 +957,8 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace existing results (without it, the same command resumes a stopped run)",
+        help="replace existing results: the earlier run's files (those its run record "
+        "names) are removed first (without it, the same command resumes a stopped run)",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(

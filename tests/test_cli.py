@@ -155,6 +155,35 @@ def test_count_again_needs_overwrite(tmp_path, mixed_folder, tiny_model, capsys)
     assert set(_snapshot(out)) == set(before)
 
 
+def test_overwrite_leaves_only_this_runs_results(tmp_path, tiny_model, capsys):
+    """--overwrite removes what the earlier run wrote and this one does not write again (a
+    failed image's table, images left out, masks, cells.csv); the user's files stay."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for k, stem in enumerate("abc"):
+        two = np.stack([_image(70 + k), _image(80 + k)])
+        tifffile.imwrite(d / f"{stem}.tif", two, metadata={"axes": "CYX"})
+    out = tmp_path / "out"
+    cells = ["--channel", "0", "--nuclei-channel", "1", "--save-masks"]
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model, *cells)
+    assert rc == 0, err
+    first = set(_snapshot(out))
+    assert {"spots/c.csv", "cells.csv", "masks/c.nuclei.tif", "masks/c.cells.tif"} <= first
+    mine = ["notes.txt", "spots/mine.csv", "masks/mine.tif", "c.csv"]
+    for name in mine:  # the user's own files, named like results or not
+        (out / name).write_text("mine\n")
+    (d / "c.tif").write_bytes((d / "c.tif").read_bytes()[:300])  # c fails this time
+
+    argv = ["count", d / "a.tif", d / "c.tif", "-o", out, "--model", tiny_model, "--overwrite"]
+    rc, _, err = _run(capsys, *argv, "--channel", "0")
+    assert rc == 1
+    assert f"ERROR: {d / 'c.tif'}: not a readable TIFF" in err
+    left = set(_snapshot(out))
+    assert left == {RECORD, "summary.csv", "spots/a.csv", *mine}, left
+    assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["a.tif"]
+    assert all((out / name).read_text() == "mine\n" for name in mine)
+
+
 def test_count_threshold_is_recorded(tmp_path, tiny_model, capsys):
     img = tmp_path / "i.tif"
     tifffile.imwrite(img, _image(3))
