@@ -628,6 +628,24 @@ class RunState:
         lines = self._read()
         return bool(lines) and lines[0].get("run") == json.loads(json.dumps(record))
 
+    def mismatch(self, record: dict) -> str:
+        """Why the recorded run is not the command of ``record``, as words for a message:
+        '' without a record."""
+        lines = self._read()
+        if not lines:
+            return " from a run with other options or inputs" if self.exists() else ""
+        old, new = lines[0].get("run") or {}, json.loads(json.dumps(record))
+        key = "model_sha256"
+        same_else = {k: v for k, v in old.items() if k != key} == {
+            k: v for k, v in new.items() if k != key
+        }
+        if same_else and key in old and old[key] != new.get(key):
+            return (
+                f" made with another version of the model (the files of {new['model']} "
+                "changed since)"
+            )
+        return " from a run with other options or inputs"
+
     def reset(self) -> None:
         self.path.unlink(missing_ok=True)
         self._lines = []
@@ -704,12 +722,16 @@ class RunState:
 
 
 def run_record(command: str, args, images: list[Path], model_path: str) -> dict:
-    """What makes two runs the same command: the options, the model and the images."""
+    """What makes two runs the same command: the options, the model (its folder and the
+    fingerprint of its files, :func:`piscis.io.model_fingerprint`) and the images."""
+    from .io import model_fingerprint
+
     opts = {k: getattr(args, k, None) for k in RECORD_OPTIONS}
     opts["tile_size"] = args.tile_size
     return {
         "command": command,
         "model": model_path,
+        "model_sha256": model_fingerprint(model_path),
         "options": opts,
         "images": [str(f) for f in images],
     }

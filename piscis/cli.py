@@ -500,7 +500,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
                 existing += sorted((out_dir / "masks").glob(f"{glob.escape(n)}.*.tif"))
         resume = state.matches(record)
         if existing and not resume:
-            why = " from a run with other options or inputs" if state.exists() else ""
+            why = state.mismatch(record)
             logger.error(
                 "%s already holds results%s (%s%s); pass --overwrite or choose another output "
                 "folder (the same command resumes a stopped run)",

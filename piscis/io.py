@@ -1064,6 +1064,28 @@ def model_dir(name_or_dir: str | os.PathLike | None) -> Path:
     )
 
 
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def model_fingerprint(name_or_dir) -> str:
+    """The sha256 of a model folder's :data:`MODEL_FILES` (names and contents): it
+    changes when the weights or the configuration do, whatever the folder is called."""
+    import hashlib
+
+    folder = model_dir(name_or_dir)
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        digest.update(name.encode() + b"\0")
+        try:
+            with open(folder / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            digest.update(b"(missing)")
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def load_model(name_or_dir=None) -> LoadedModel:
     """Load a model folder: ``config.json`` + ``model.safetensors``. No code runs."""
     if isinstance(name_or_dir, LoadedModel):

@@ -184,6 +184,43 @@ def test_overwrite_leaves_only_this_runs_results(tmp_path, tiny_model, capsys):
     assert all((out / name).read_text() == "mine\n" for name in mine)
 
 
+@pytest.mark.parametrize("change", ["weights", "config"])
+def test_resume_is_refused_when_the_model_changed(tmp_path, tiny_model, capsys, change):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    images = []
+    for k in range(2):
+        images.append(tmp_path / f"i{k}.tif")
+        tifffile.imwrite(images[-1], _image(90 + k))
+    out = tmp_path / "out"
+    argv = ["count", *images, "-o", out, "--model", model]
+    assert _run(capsys, *argv)[0] == 0
+    before = _snapshot(out)
+    if change == "weights":  # retrained in place: the same names, other numbers
+        weights = load_file(model / "model.safetensors")
+        first = sorted(weights)[0]
+        weights[first] = weights[first] + np.float32(0.01)
+        save_file(weights, model / "model.safetensors")
+    else:
+        config = json.loads((model / "config.json").read_text())
+        config["normalization"]["compression"] = 2.0
+        (model / "config.json").write_text(json.dumps(config))
+
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert "already holds results" in errors[0] and "--overwrite" in errors[0]
+    assert "model" in errors[0] and "changed" in errors[0] and str(model) in errors[0]
+    assert _snapshot(out) == before
+    assert _run(capsys, *argv, "--overwrite")[0] == 0
+
+
 def test_count_threshold_is_recorded(tmp_path, tiny_model, capsys):
     img = tmp_path / "i.tif"
     tifffile.imwrite(img, _image(3))
