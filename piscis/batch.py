@@ -628,6 +628,10 @@ class RunState:
         lines = self._read()
         return bool(lines) and lines[0].get("run") == json.loads(json.dumps(record))
 
+    def finished(self) -> int:
+        """How many images the record holds as finished."""
+        return max(0, len(self._read()) - 1)
+
     def mismatch(self, record: dict) -> str:
         """Why the recorded run is not the command of ``record``, as words for a message:
         '' without a record."""

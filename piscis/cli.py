@@ -492,8 +492,11 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     resume = False
     if not args.overwrite:
         existing = [t for t in targets.values() if t.exists()]
+        # The tables of a recorded run that finished no image hold no results (a run
+        # where every input failed): a corrected command may replace them.
+        tables_hold_results = state.finished() > 0 or not state.exists()
         for extra in (cells_path, summary_path):
-            if extra is not None and extra.exists():
+            if extra is not None and extra.exists() and tables_hold_results:
                 existing.insert(0, extra)
         if save_masks:
             for n in names.values():
@@ -510,6 +513,8 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
                 f" and {len(existing) - 1} more" if len(existing) > 1 else "",
             )
             return 2
+        if not resume and state.exists() and not state.finished():
+            state.clear()  # its empty tables: this run writes its own
     else:
         # The earlier run's results go, also those this run will not write again (its
         # failures, images not among these inputs); the user's own files stay.
@@ -623,9 +628,9 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
             batch.close_client(client)
     bar.close()
     failures += [failed[i] for i in sorted(failed)]  # in input order, whatever ran first
-    if rows or not failures:
-        # A run where every image failed leaves no summary, so it can simply be re-run.
-        write_tables()
+    # Also when every input failed: a summary with its header and no rows says so (the
+    # same command, or a corrected one, can simply be run again).
+    write_tables()
     dt = time.time() - t0
     if rows:
         logger.info(

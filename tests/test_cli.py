@@ -109,6 +109,27 @@ def test_count_folder_with_bad_files(tmp_path, mixed_folder, tiny_model, capsys)
     assert len(jpg) == 1 and jpg[0].startswith("WARNING") and "JPG" in jpg[0], jpg
 
 
+def test_every_input_failing_still_writes_the_summary_header(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    raw = {}
+    for k in range(2):
+        tifffile.imwrite(d / f"i{k}.tif", _image(100 + k))
+        raw[k] = (d / f"i{k}.tif").read_bytes()
+        (d / f"i{k}.tif").write_bytes(raw[k][: len(raw[k]) // 3])  # truncated
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model)
+    assert rc == 1 and "2 input(s) failed" in err
+    assert _table(out / "summary.csv") == (cli.SUMMARY_COLUMNS, [])
+    assert not any((out / "spots").glob("*.csv"))
+    # An empty summary is no result: a corrected command runs without --overwrite.
+    for k in range(2):
+        (d / f"i{k}.tif").write_bytes(raw[k])
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model, "--min-snr", "3")
+    assert rc == 0, err
+    assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["i0.tif", "i1.tif"]
+
+
 def test_count_blank_image(tmp_path, tiny_model, capsys):
     img = tmp_path / "blank.tif"
     tifffile.imwrite(img, np.zeros((32, 32), np.uint16))
