@@ -914,6 +914,7 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--axes",
+        type=_axes_arg,
         default=None,
         help="axes of the file, overriding its metadata: letters T, C, Z, Y, X, e.g. ZYX, "
         "YXZ, CYX, YXC, ZCYX, TZCYX (see the README on input axes)",
@@ -990,13 +991,28 @@ def _tile_size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from None
 
 
+def _axes_arg(text: str) -> str:
+    """``--axes``: letters wrong for any image (unknown, repeated, no Y or X) are refused
+    here, once; the text itself is kept (the run record holds it as given)."""
+    from .io import axes_problem
+
+    problem = axes_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def _roi_arg(text: str) -> tuple[float, float, float, float]:
-    """``Y0,X0,H,W`` -> four numbers; a zero or negative size is refused here."""
+    """``Y0,X0,H,W`` -> four numbers; a zero or negative size, or a number that is not
+    finite, is refused here (once, not image by image)."""
     try:
         y0, x0, h, w = (float(v) for v in text.split(","))
     except ValueError:
         msg = f"expected Y0,X0,H,W (four numbers, pixels), got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
+    if not all(np.isfinite(v) for v in (y0, x0, h, w)):
+        msg = f"the ROI {text!r} holds a number that is not finite; give four numbers, pixels"
+        raise argparse.ArgumentTypeError(msg)
     if not (h > 0 and w > 0):
         msg = f"the ROI {text!r} is empty (height {h:g}, width {w:g}); give a positive size"
         raise argparse.ArgumentTypeError(msg)

@@ -473,15 +473,27 @@ def resolve_axes(
     return Stack(name, data, axes_out, spacing, source)
 
 
-def _parse_axes(axes: str, name: str) -> str:
+def axes_problem(axes: str) -> str | None:
+    """What is wrong with an axes text (``--axes``) whatever the image, or None."""
     letters = str(axes).strip().upper().replace("S", "C")
     bad = sorted({a for a in letters if a not in SUPPORTED_AXES})
+    twice = sorted({a for a in letters if letters.count(a) > 1})
     if bad or not letters:
-        raise InputError(
-            f"{name}: --axes {axes!r}: unknown letter(s) {', '.join(bad) or '(none given)'}; "
-            f"use T, C, Z, Y, X, e.g. one of {SUPPORTED_ORDERS}"
-        )
-    return letters
+        what = f"unknown letter(s) {', '.join(bad) or '(none given)'}"
+    elif twice:
+        what = f"{', '.join(twice)} given twice"
+    elif "Y" not in letters or "X" not in letters:
+        what = "no Y and X axes"
+    else:
+        return None
+    return f"{what}; use T, C, Z, Y, X, e.g. one of {SUPPORTED_ORDERS}"
+
+
+def _parse_axes(axes: str, name: str) -> str:
+    problem = axes_problem(axes)
+    if problem:
+        raise InputError(f"{name}: --axes {axes!r}: {problem}")
+    return str(axes).strip().upper().replace("S", "C")
 
 
 def _guess_unknown(shape, letters: str, name: str, channel_hint: bool, source: str):

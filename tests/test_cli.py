@@ -32,6 +32,14 @@ def _image(seed: int, shape=(32, 40)) -> np.ndarray:
     return (100 + rng.normal(0, 5, shape)).clip(0, None).astype(np.uint16)
 
 
+def _images(folder: Path, seed: int, n: int = 2) -> list[Path]:
+    """``n`` noise images ``i0.tif``... in ``folder``, from seeds ``seed``, ``seed + 1``..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        tifffile.imwrite(folder / f"i{k}.tif", _image(seed + k))
+    return [folder / f"i{k}.tif" for k in range(n)]
+
+
 def _run(capsys, *argv) -> tuple[int, str, str]:
     rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -214,10 +222,7 @@ def test_resume_is_refused_when_the_model_changed(tmp_path, tiny_model, capsys, 
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    images = []
-    for k in range(2):
-        images.append(tmp_path / f"i{k}.tif")
-        tifffile.imwrite(images[-1], _image(90 + k))
+    images = _images(tmp_path, 90)
     out = tmp_path / "out"
     argv = ["count", *images, "-o", out, "--model", model]
     assert _run(capsys, *argv)[0] == 0
@@ -737,13 +742,35 @@ def test_output_path_taken_by_a_file_is_one_line(tmp_path, capsys, tiny_model, b
     "option", [("--scale", "0"), ("--scale", "nan"), ("--min-snr", "-1"), ("--min-snr", "inf")]
 )
 def test_bad_scale_or_min_snr_is_refused_once_before_any_work(tmp_path, tiny_model, capsys, option):
-    images = []
-    for k in range(2):
-        images.append(tmp_path / f"i{k}.tif")
-        tifffile.imwrite(images[-1], _image(20 + k))
+    images = _images(tmp_path, 20)
     out = tmp_path / "out"
     rc, _, err = _run(capsys, "count", *images, "-o", out, "--model", tiny_model, *option)
     assert rc == 2
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and option[0] in errors[0], err
     assert not (out / "spots").exists() or not any((out / "spots").iterdir())
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--roi", "nan,0,10,10"),
+        ("--roi", "0,-inf,10,10"),
+        ("--roi", "0,0,inf,10"),
+        ("--axes", "Q"),
+        ("--axes", "YYX"),
+        ("--axes", "ZC"),
+    ],
+)
+def test_bad_roi_or_axes_is_refused_once_before_any_image(tmp_path, tiny_model, capsys, option):
+    images = _images(tmp_path, 110)
+    out = tmp_path / "out"
+    argv = ["count", *images, "-o", out, "--model", tiny_model, *option]
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and option[0] in errors[0] and repr(option[1]) in errors[0], err
+    assert "i0.tif" not in err and "i1.tif" not in err  # no image was read
+    assert not out.exists()
