@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import InputError, whole_pixels
+from .lazy import out_of_memory
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +297,9 @@ def run_image(
     try:
         out = _run_image(job, opts, split, progress)
     except (*IMAGE_ERRORS, NotImplementedError) as e:
-        msg = _as_given(job, str(e))
+        msg = _as_given(job, str(e) or type(e).__name__)
+        if out_of_memory(e) and "--tile-size" not in msg:
+            msg = _memory_advice(job, opts, msg)
         msg = msg if job.path in msg else f"{job.path}: {msg}"
         out = Result(job.index, job.path, job.name, error=msg)
     finally:
@@ -305,6 +308,25 @@ def run_image(
     if handler is not None and isinstance(out, Result):
         out.logs = [(level, _as_given(job, m)) for level, m in handler.records]
     return out
+
+
+def _memory_advice(job: Job, opts, text: str) -> str:
+    """The message of an image whose detection ran out of memory (C18): the tiles bound
+    the memory, so it suggests half the tile size, or the smallest that is not raised
+    (:func:`piscis.detect.tile_cores`: 4 network margins)."""
+    from .model import receptive_margin
+
+    smallest = 4 * receptive_margin(_model(opts.model).net.channels)
+    current = max(int(opts.tile_size), smallest)
+    if current > smallest:
+        # The wording of lazy.check_memory's message, whose "(e.g. N)" scripts may read.
+        advice = f"pass a smaller --tile-size (e.g. {max(current // 2, smallest)})"
+    else:
+        advice = (
+            f"--tile-size {current} is already the smallest useful; free memory, or crop "
+            "or split the image"
+        )
+    return f"{job.path}: memory ran out during detection ({text}); {advice}"
 
 
 def _as_given(job: Job, message: str) -> str:

@@ -515,8 +515,57 @@ def test_an_error_inside_detection_does_not_stop_the_batch(
         capsys, "count", tmp_path / "big.tif", tmp_path / "ok.tif", "-o", out, "--model", tiny_model
     )
     assert rc == 1
-    assert "big.tif: DefaultCPUAllocator: not enough memory" in err
+    line = next(x for x in err.splitlines() if x.startswith(f"ERROR: {tmp_path / 'big.tif'}: "))
+    assert "memory ran out during detection (DefaultCPUAllocator: not enough memory)" in line
+    assert "smaller --tile-size (e.g. 512)" in line  # half the default 1024 (C18)
     assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["ok.tif"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                     "memory: you tried to allocate 1073741824 bytes. Error code 12"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_suggests_half_the_tile(tmp_path, tiny_model, capsys, monkeypatch, error):
+    """C18: memory running out in one image's detection is one line naming the image and
+    a smaller --tile-size (half the current one; the smallest useful one says so); the
+    next image runs."""
+    import piscis.detect
+    from piscis.io import load_model
+    from piscis.model import receptive_margin
+
+    real = piscis.detect.detect
+
+    def short_of_memory(image, **kwargs):
+        if image.shape == (20, 20):
+            raise error
+        return real(image, **kwargs)
+
+    monkeypatch.setattr(piscis.detect, "detect", short_of_memory)
+    big = tmp_path / "in" / "big.tif"
+    big.parent.mkdir()
+    tifffile.imwrite(big, _image(120, (20, 20)))
+    ok = _images(tmp_path / "in", 121, 1)[0]
+    smallest = 4 * receptive_margin(load_model(tiny_model).net.channels)
+    for tile, advice in [
+        (3 * smallest, f"smaller --tile-size (e.g. {3 * smallest // 2})"),
+        (smallest + 1, f"smaller --tile-size (e.g. {smallest})"),
+        (smallest, f"--tile-size {smallest} is already the smallest useful"),
+        (1, f"--tile-size {smallest} is already the smallest useful"),
+    ]:
+        out = tmp_path / f"out{tile}"
+        argv = ["count", big, ok, "-o", out, "--model", tiny_model, "--tile-size", tile]
+        rc, _, err = _run(capsys, *argv)
+        assert rc == 1
+        lines = [x for x in err.splitlines() if "memory ran out" in x]
+        assert len(lines) == 2, err  # when it happened, and in the list of failures
+        assert lines[0].startswith(f"ERROR: {big}: memory ran out during detection")
+        assert advice in lines[0] and "Traceback" not in err
+        assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["i0.tif"]
 
 
 def test_glob_patterns(tmp_path, tiny_model, capsys):
