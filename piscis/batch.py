@@ -300,7 +300,9 @@ def run_image(
         msg = _as_given(job, str(e) or type(e).__name__)
         if out_of_memory(e) and "--tile-size" not in msg:
             msg = _memory_advice(job, opts, msg)
-        msg = msg if job.path in msg else f"{job.path}: {msg}"
+        # Every line about an image starts with it, also when its path is named later
+        # in the text (an OSError: "[Errno 5] Input/output error: 'PATH'").
+        msg = msg if msg.startswith(job.path) else f"{job.path}: {msg}"
         out = Result(job.index, job.path, job.name, error=msg)
     finally:
         if handler is not None:

@@ -188,9 +188,10 @@ def _count_one(path: Path, args, model, masks: dict) -> list[_Plane]:
     else:
         wanted = {"nuclear_image": nuc_ch, "cytoplasm_image": cyto_ch}
         wanted = {k: c for k, c in wanted.items() if c is not None}
+        option = {"nuclear_image": "--nuclei-channel", "cytoplasm_image": "--cytoplasm-channel"}
         data = read_channels(
             path, [args.channel, *wanted.values()], axes=args.axes, project=project,
-            voxel_size=voxel,
+            voxel_size=voxel, options=["--channel", *(option[k] for k in wanted)],
         )  # fmt: skip
         # count_spots segments a (Z, Y, X) nucleus/cytoplasm channel on its max projection.
         extra = {k: d.image for k, d in zip(wanted, data[1:])}
@@ -639,7 +640,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     if failures:
         logger.error("%d input(s) failed:", len(failures))
         for item, why in failures:
-            logger.error("  %s", why if item in why else f"{item}: {why}")
+            logger.error("  %s", why if why.startswith(item) else f"{item}: {why}")
         return 1
     return 0
 

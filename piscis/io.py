@@ -559,8 +559,11 @@ def _warn_mislabelled(shape, letters: str, name: str, source: str) -> None:
             )
 
 
-def _split(stack: Stack, channel, project: bool, voxel_size, every_channel: bool):
-    """One ImageData per time point and channel of a resolved stack."""
+def _split(
+    stack: Stack, channel, project: bool, voxel_size, every_channel: bool, option="--channel"
+):
+    """One ImageData per time point and channel of a resolved stack; ``option`` names
+    ``channel`` in messages (the option the user gave it with)."""
     name, data, axes = stack.name, stack.data, stack.axes
     notes: list[str] = []
     index_c: list[int | None] = [None]
@@ -570,7 +573,7 @@ def _split(stack: Stack, channel, project: bool, voxel_size, every_channel: bool
         if channel is not None:
             if not (-n_c <= channel < n_c):
                 raise InputError(
-                    f"{name}: --channel {channel} out of range; the image has {n_c} channels "
+                    f"{name}: {option} {channel} out of range; the image has {n_c} channels "
                     f"(axes {axes})"
                 )
             index_c = [channel % n_c]
@@ -595,7 +598,7 @@ def _split(stack: Stack, channel, project: bool, voxel_size, every_channel: bool
                 )
     elif channel not in (None, 0):
         raise InputError(
-            f"{name}: --channel {channel} given but the image has no channel axis (axes "
+            f"{name}: {option} {channel} given but the image has no channel axis (axes "
             f"{axes}); pass --axes if the file holds channels, e.g. CYX or ZCYX"
         )
     n_t = data.shape[axes.index("T")] if "T" in axes else 1
@@ -664,7 +667,7 @@ def _check_pixels(data: np.ndarray, name: str) -> np.ndarray:
 
 
 def read_channels(
-    path, channels, axes: str | None = None, project: bool = False, voxel_size=None
+    path, channels, axes: str | None = None, project: bool = False, voxel_size=None, options=None
 ) -> list[ImageData]:
     """Read a multi-channel file once and return one image per requested channel.
 
@@ -682,6 +685,9 @@ def read_channels(
         Max-project a Z axis.
     voxel_size : sequence of float, optional
         As for :func:`read_image`.
+    options : sequence of str, optional
+        The option that gave each entry of ``channels`` (``"--nuclei-channel"``...), for
+        the messages; default ``"--channel"`` for every one.
 
     Returns
     -------
@@ -710,9 +716,10 @@ def read_channels(
             "channels for nuclei or cytoplasm are not supported; split the time points"
         )
     planes: dict = {}
-    for c in channels:
+    options = ["--channel"] * len(channels) if options is None else list(options)
+    for c, option in zip(channels, options):
         if c not in planes:
-            planes[c] = _split(stack, c, project, voxel_size, every_channel=False)[0][1]
+            planes[c] = _split(stack, c, project, voxel_size, False, option)[0][1]
     return [planes[c] for c in channels]
 
 

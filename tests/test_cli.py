@@ -568,6 +568,50 @@ def test_out_of_memory_suggests_half_the_tile(tmp_path, tiny_model, capsys, monk
         assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["i0.tif"]
 
 
+def test_every_error_about_an_image_starts_with_it_and_names_the_option_given(
+    tmp_path, tiny_model, capsys, monkeypatch
+):
+    import errno
+
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "grey.tif", _image(130))  # no channel axis
+    two = np.stack([_image(131), _image(132)])
+    tifffile.imwrite(d / "two.tif", two, metadata={"axes": "CYX"})  # 2 channels
+    three = np.stack([_image(133), _image(134), _image(135)])
+    tifffile.imwrite(d / "three.tif", three, metadata={"axes": "CYX"}, photometric="minisblack")
+    tifffile.imwrite(d / "flaky.tif", two, metadata={"axes": "CYX"})
+    (d / "empty.tif").write_bytes(b"")
+    real = cli._count_one
+
+    def flaky_drive(path, *a, **k):  # a network drive failing while the file is read
+        if path.name == "flaky.tif":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(cli, "_count_one", flaky_drive)
+    out = tmp_path / "out"
+    argv = ["count", d, "-o", out, "--model", tiny_model, "--channel", "0"]
+    rc, _, err = _run(capsys, *argv, "--nuclei-channel", "2")
+    assert rc == 1
+    paths = [str(d / n) for n in ("grey.tif", "two.tif", "flaky.tif", "empty.tif")]
+    errors = [x.split("ERROR: ", 1)[1] for x in err.splitlines() if "ERROR: " in x]
+    per_image = [x.strip() for x in errors if "input(s) failed" not in x]
+    assert len(per_image) == 2 * len(paths), err  # when it happened, and in the list
+    for line in per_image:
+        assert any(line.startswith(f"{p}: ") for p in paths), line
+    grey = [x for x in per_image if x.startswith(paths[0])]
+    two = [x for x in per_image if x.startswith(paths[1])]
+    assert all("--nuclei-channel 2 given but the image has no channel axis" in x for x in grey)
+    assert all("--nuclei-channel 2 out of range; the image has 2 channels" in x for x in two)
+    assert "--channel 2" not in err
+    assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["three.tif"]
+
+    cyto = ["--nuclei-channel", "1", "--cytoplasm-channel", "3", "--overwrite"]
+    rc, _, err = _run(capsys, *argv, *cyto)
+    assert f"{d / 'two.tif'}: --cytoplasm-channel 3 out of range" in err and rc == 1
+
+
 def test_glob_patterns(tmp_path, tiny_model, capsys):
     for i in range(2):
         tifffile.imwrite(tmp_path / f"g{i}.tif", _image(40 + i))
