@@ -764,16 +764,17 @@ def _preflight(pairs) -> None:
     )
 
 
-def _pixel_size_arg(text: str) -> tuple[float, float]:
-    """``S`` or ``SY,SX`` -> (y, x) pixel size, positive."""
+def _pixel_size_arg(text: str) -> tuple[float, ...]:
+    """``S``, ``SY,SX`` or ``SZ,SY,SX`` -> the pixel size (the one number, or per axis),
+    positive."""
     try:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
         vals = []
-    if len(vals) not in (1, 2) or not all(v > 0 for v in vals):
-        msg = f"expected a positive pixel size S or SY,SX, got {text!r}"
+    if len(vals) not in (1, 2, 3) or not all(0 < v < float("inf") for v in vals):
+        msg = f"expected a positive pixel size S, SY,SX or SZ,SY,SX, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
-    return (vals[0], vals[-1])
+    return tuple(vals)
 
 
 def _columns_arg(text: str) -> tuple[str, ...]:
@@ -788,22 +789,41 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
         "--pixel-size",
         type=_pixel_size_arg,
         default=None,
-        metavar="S[,SX]",
-        help="the spot CSVs are in physical units (e.g. um) with this pixel size (y,x): "
-        "coordinates are divided by it",
+        metavar="S|SY,SX|SZ,SY,SX",
+        help="the spot CSVs are in physical units (e.g. um) with this pixel size: "
+        "coordinates are divided by it (tables with a z column need SZ,SY,SX)",
     )
     p.add_argument(
         "--columns",
         type=_columns_arg,
         default=None,
         metavar="NAMES",
-        help="column names of spot CSVs without a header row, e.g. y,x or x,y,class",
+        help="column names of spot CSVs without a header row, e.g. y,x, x,y,class or "
+        "z,y,x (a header row naming the coordinates elsewhere is refused)",
     )
 
 
+EVALUATE_HELP = """\
+Matching: predictions and true spots are paired one to one (Hungarian) on Euclidean
+distance; F1@r = 2 TP / (n_pred + n_true) at r = 1, 2, 3 px;
+F1int is F1 averaged over cut-offs 0..3 px; prec, recall and loc_err (mean distance of
+the pairs) are at 3 px. 3D: when both tables have a z column (in slices), a pair at
+cut-off r must lie within r px in yx and within r slices in z (the tolerance of the
+field cases, 1.5 px and 1.5 slices, at r = 1.5), for every figure; loc_err is then the
+(z, y, x) distance. A z column in one table only: matched in yx, with a warning.
+Folders are paired by image name; a file without its partner is reported and left
+out; a CSV that cannot be read is reported and the others are scored (exit 1)."""
+
+
 def cmd_evaluate(args) -> int:
-    from .io import read_spots
-    from .metrics import mean_scores, score
+    """Score predicted against true spots, one line per image (and their mean).
+
+    Tables with a z column on both sides are matched in 3D with the cylinder tolerance
+    of :func:`piscis.metrics.match` (cut-off r: r px in yx and r slices in z), see
+    :data:`EVALUATE_HELP`. Exit 0; 1 when some pair could not be read (the others are
+    scored); 2 when nothing could be scored.
+    """
+    from .metrics import mean_scores
 
     pred, true = Path(args.pred), Path(args.truth)
     for path in (pred, true):
@@ -816,39 +836,67 @@ def cmd_evaluate(args) -> int:
     if pred.is_dir():
         # Paired by image name: "cells.csv" with "cells.csv", "cells.truth.csv" or
         # "cells.spots.csv" (the name piscis count gives, and a common truth name).
-        found = {}
-        for p in sorted(pred.glob("*.csv")):
-            found.setdefault(_image_name(p), p)
-        pairs = []
-        for t in sorted(true.glob("*.csv")):
-            name = _image_name(t)
-            if name in found:
-                pairs.append((name, found[name], t))
-            else:
-                logger.warning("%s: no prediction for %s in %s", t, name, pred)
+        preds, truths = _csvs_by_image(pred, "prediction"), _csvs_by_image(true, "truth")
+        for name in sorted(set(truths) - set(preds)):
+            logger.warning("%s: no prediction for %s in %s", truths[name], name, pred)
+        for name in sorted(set(preds) - set(truths)):
+            logger.warning("%s: no truth for %s in %s", preds[name], name, true)
+        pairs = [(name, preds[name], truths[name]) for name in sorted(set(preds) & set(truths))]
     else:
         pairs = [(_image_name(pred), pred, true)]
     if not pairs:
         logger.error("no prediction/truth pairs to compare")
         return 2
-    header = (
-        f"{'image':30s} {'n_pred':>6s} {'n_true':>6s} {'F1@1':>6s} {'F1@2':>6s} {'F1@3':>6s} "
-        f"{'F1int':>6s} {'prec':>6s} {'recall':>6s} {'loc_err':>7s}"
-    )
-    print(header)
-    scores = []
+    scores, n_failed = [], 0
     for name, p, t in pairs:
         try:
-            opts = {"columns": args.columns, "pixel_size": args.pixel_size}
-            s = score(read_spots(p, **opts), read_spots(t, **opts))
+            s = _score_pair(name, p, t, args)
         except InputError as e:
-            logger.error("%s", e)
-            return 2
+            logger.error("%s", e)  # this pair only: the others are scored
+            n_failed += 1
+            continue
+        if not scores:
+            print(
+                f"{'image':30s} {'n_pred':>6s} {'n_true':>6s} {'F1@1':>6s} {'F1@2':>6s} "
+                f"{'F1@3':>6s} {'F1int':>6s} {'prec':>6s} {'recall':>6s} {'loc_err':>7s}"
+            )
         scores.append(s)
         print(_score_line(name[:30], vars(s)))
     if len(scores) > 1:
         print(_score_line("mean", mean_scores(scores)))
+    if n_failed:
+        logger.error("%d of %d pair(s) could not be scored", n_failed, len(pairs))
+        return 1 if scores else 2
     return 0
+
+
+def _csvs_by_image(folder: Path, role: str) -> dict[str, Path]:
+    """The CSVs of a folder by image name; a second one for the same image is reported
+    and left out."""
+    found: dict[str, Path] = {}
+    for f in sorted(folder.glob("*.csv")):
+        name = _image_name(f)
+        if name in found:
+            logger.warning(
+                "%s: another %s for %s (%s is used), left out", f, role, name, found[name]
+            )
+            continue
+        found[name] = f
+    return found
+
+
+def _score_pair(name: str, pred: Path, true: Path, args):
+    """The scores of one prediction/truth pair: in 3D (cylinder) when both have z."""
+    from .io import read_spots
+    from .metrics import score
+
+    opts = {"columns": args.columns, "pixel_size": args.pixel_size, "zyx": True}
+    p, t = read_spots(pred, **opts), read_spots(true, **opts)
+    if p.shape[1] != t.shape[1]:
+        with_z = pred if p.shape[1] == 3 else true
+        logger.warning("%s: only %s has a z column; matched in yx", name, with_z)
+        p, t = p[:, -2:], t[:, -2:]
+    return score(p, t, cylinder=p.shape[1] == 3)
 
 
 def _image_name(path: Path) -> str:
@@ -1181,7 +1229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "evaluate", parents=[common], help="F1 at 1/2/3 px, integrated F1, precision, recall"
+        "evaluate",
+        parents=[common],
+        help="F1 at 1/2/3 px, integrated F1, precision, recall",
+        description="F1 at 1/2/3 px, integrated F1, precision and recall of predicted "
+        "against true spots.",
+        epilog=EVALUATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("pred", help="predicted spots: a CSV or a folder of CSVs")
     p.add_argument(

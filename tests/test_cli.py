@@ -771,6 +771,90 @@ def test_evaluate_no_pairs(tmp_path, capsys):
     assert "no prediction/truth pairs" in err
 
 
+def test_evaluate_columns_must_agree_with_a_real_header(tmp_path, capsys):
+    cases = [
+        ("y,x,score", "x,y", False),  # the header says y first: --columns contradicts it
+        ("index,axis-0,axis-1", "y,x,index", False),  # napari's export: y is axis-0
+        ("y,x,score", "y,x,score", True),  # they agree
+        ("a,b", "y,x", True),  # a header naming no coordinates: the names say which
+    ]
+    for k, (header, columns, ok) in enumerate(cases):
+        rows = {
+            "y,x,score": [(y, x, 0.9) for y, x in TRUTH],
+            "index,axis-0,axis-1": [(i, y, x) for i, (y, x) in enumerate(TRUTH)],
+            "a,b": [(y, x) for y, x in TRUTH],
+        }[header]
+        truth = tmp_path / f"t{k}.csv"
+        truth.write_text(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+        pred = _write_spots(tmp_path / f"p{k}.csv", TRUTH)
+        rc, out, err = _run(capsys, "evaluate", pred, truth, "--columns", columns)
+        if ok:
+            assert rc == 0, err
+            assert _parse(out)[1][pred.stem]["F1@1"] == 1.0
+        else:
+            assert rc == 2 and out == ""
+            errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+            assert errors[0].startswith((f"ERROR: {pred}: ", f"ERROR: {truth}: ")), err
+            assert f"its header {header.split(',')[0]}" in errors[0].replace("'", "")
+            assert f"--columns {columns}" in errors[0]
+
+
+def _write_spots_3d(path: Path, coords) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("z,y,x,score\n" + "".join(f"{z},{y},{x},0.9\n" for z, y, x in coords))
+    return path
+
+
+def test_evaluate_matches_z_stacks_in_3d(tmp_path, capsys):
+    """r px in yx and r slices in z at each cut-off r (CASES.md: 1.5 and 1.5)."""
+    true = np.array([[5.0, 10, 10], [5, 10, 30], [5, 30, 10], [5, 30, 30], [5, 50, 50]])
+    shift = np.array([[0.0, 0, 0], [0.8, 0, 0], [2.5, 0, 0], [0, 0.5, 0], [0.9, 0.9, 0]])
+    truth = _write_spots_3d(tmp_path / "t" / "v.csv", true)
+    pred = _write_spots_3d(tmp_path / "p" / "v.csv", true + shift)
+    rc, out, err = _run(capsys, "evaluate", pred, truth)
+    assert rc == 0, err
+    r = _parse(out)[1]["v"]
+    # 2.5 slices off: found at 3 only. 0.9 px and 0.9 slices (1.27 in 3D): found at 1.
+    assert (r["F1@1"], r["F1@2"], r["F1@3"]) == (0.8, 0.8, 1.0)
+    assert r["loc_err"] == pytest.approx(np.linalg.norm(shift, axis=1).mean(), abs=1e-3)
+    # Tables in micrometres: the pixel size in z too, or one line.
+    size = np.array([0.3, 0.1, 0.1])
+    um = [_write_spots_3d(tmp_path / d / "v.csv", c * size) for d, c in
+          (("p_um", true + shift), ("t_um", true))]  # fmt: skip
+    rc, out, err = _run(capsys, "evaluate", *um, "--pixel-size", "0.3,0.1,0.1")
+    assert rc == 0 and _parse(out)[1]["v"] == r, err
+    rc, out, err = _run(capsys, "evaluate", *um, "--pixel-size", "0.1")
+    assert rc == 2 and "needs the z step too" in err and out == ""
+    # z in one table only: matched in yx, said once.
+    flat = _write_spots(tmp_path / "p2" / "v.csv", true[:, 1:] + shift[:, 1:])
+    rc, out, err = _run(capsys, "evaluate", flat, truth)
+    assert rc == 0 and _parse(out)[1]["v"]["F1@1"] == 1.0
+    assert [line for line in err.splitlines() if "z column" in line] == [
+        f"WARNING: v: only {truth} has a z column; matched in yx"
+    ]
+
+
+def test_evaluate_folders_go_on_past_a_bad_csv_and_report_unpaired_files(tmp_path, capsys):
+    t, p = tmp_path / "t", tmp_path / "p"
+    for name in "abc":
+        _write_spots(t / f"{name}.csv", TRUTH)
+        _write_spots(p / f"{name}.csv", TRUTH)
+    (p / "b.csv").write_text("1,2\n3,4\n")  # no header
+    _write_spots(p / "extra.csv", TRUTH)  # no truth
+    _write_spots(t / "a.gt.csv", TRUTH[:1])  # a second truth for a
+    rc, out, err = _run(capsys, "evaluate", p, t)
+    assert rc == 1
+    assert set(_parse(out)[1]) == {"a", "c", "mean"}
+    assert _parse(out)[1]["a"]["F1@1"] == 1.0  # a.csv, the first truth for a
+    lines = err.splitlines()
+    assert len([x for x in lines if str(p / "b.csv") in x]) == 1
+    assert f"ERROR: {p / 'b.csv'}: no header row" in err
+    assert f"WARNING: {p / 'extra.csv'}: no truth for extra in {t}" in lines
+    assert [x for x in lines if "a.gt.csv" in x] == [
+        f"WARNING: {t / 'a.gt.csv'}: another truth for a ({t / 'a.csv'} is used), left out"
+    ]
+
+
 # --------------------------------------------------------------------------- version
 
 
