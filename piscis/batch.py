@@ -32,11 +32,14 @@ from pathlib import Path
 import numpy as np
 
 from .io import InputError, whole_pixels
+from .lazy import out_of_memory
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FolderBusy",
     "Job",
+    "OutputLock",
     "Plan",
     "Result",
     "RunState",
@@ -50,6 +53,7 @@ __all__ = [
 ]
 
 RECORD_NAME = ".piscis-run.jsonl"  # the run record, inside the output folder
+LOCK_NAME = ".piscis.lock"  # held by the run writing to the output folder
 SPLIT_PIXELS = 4096 * 4096  # streamed images larger than this are split into bands on a cluster
 BAND_ROWS = 2  # tile rows per band task
 # The options that make two runs the same command (-q, -v, --scheduler, --workers,
@@ -293,8 +297,12 @@ def run_image(
     try:
         out = _run_image(job, opts, split, progress)
     except (*IMAGE_ERRORS, NotImplementedError) as e:
-        msg = _as_given(job, str(e))
-        msg = msg if job.path in msg else f"{job.path}: {msg}"
+        msg = _as_given(job, str(e) or type(e).__name__)
+        if out_of_memory(e) and "--tile-size" not in msg:
+            msg = _memory_advice(job, opts, msg)
+        # Every line about an image starts with it, also when its path is named later
+        # in the text (an OSError: "[Errno 5] Input/output error: 'PATH'").
+        msg = msg if msg.startswith(job.path) else f"{job.path}: {msg}"
         out = Result(job.index, job.path, job.name, error=msg)
     finally:
         if handler is not None:
@@ -302,6 +310,25 @@ def run_image(
     if handler is not None and isinstance(out, Result):
         out.logs = [(level, _as_given(job, m)) for level, m in handler.records]
     return out
+
+
+def _memory_advice(job: Job, opts, text: str) -> str:
+    """The message of an image whose detection ran out of memory (C18): the tiles bound
+    the memory, so it suggests half the tile size, or the smallest that is not raised
+    (:func:`piscis.detect.tile_cores`: 4 network margins)."""
+    from .model import receptive_margin
+
+    smallest = 4 * receptive_margin(_model(opts.model).net.channels)
+    current = max(int(opts.tile_size), smallest)
+    if current > smallest:
+        # The wording of lazy.check_memory's message, whose "(e.g. N)" scripts may read.
+        advice = f"pass a smaller --tile-size (e.g. {max(current // 2, smallest)})"
+    else:
+        advice = (
+            f"--tile-size {current} is already the smallest useful; free memory, or crop "
+            "or split the image"
+        )
+    return f"{job.path}: memory ran out during detection ({text}); {advice}"
 
 
 def _as_given(job: Job, message: str) -> str:
@@ -629,9 +656,71 @@ class RunState:
         lines = self._read()
         return bool(lines) and lines[0].get("run") == json.loads(json.dumps(record))
 
+    def finished(self) -> int:
+        """How many images the record holds as finished."""
+        return max(0, len(self._read()) - 1)
+
+    def mismatch(self, record: dict) -> str:
+        """Why the recorded run is not the command of ``record``, as words for a message:
+        '' without a record."""
+        lines = self._read()
+        if not lines:
+            return " from a run with other options or inputs" if self.exists() else ""
+        old, new = lines[0].get("run") or {}, json.loads(json.dumps(record))
+        key = "model_sha256"
+        same_else = {k: v for k, v in old.items() if k != key} == {
+            k: v for k, v in new.items() if k != key
+        }
+        if same_else and key in old and old[key] != new.get(key):
+            return (
+                f" made with another version of the model (the files of {new['model']} "
+                "changed since)"
+            )
+        return " from a run with other options or inputs"
+
     def reset(self) -> None:
         self.path.unlink(missing_ok=True)
         self._lines = []
+
+    def outputs(self) -> list[Path]:
+        """The files the recorded run wrote, as its record names them: the spot table and
+        masks of each finished image, and ``piscis count``'s summary.csv (and cells.csv in
+        cells mode). Only paths inside the output folder."""
+        lines = self._read()
+        run = lines[0].get("run") if lines else None
+        if not isinstance(run, dict):
+            return []
+        folder = self.path.parent
+        count = run.get("command") == "count"
+        files = [folder / "summary.csv"] if count else []
+        if count and (run.get("options") or {}).get("cells_mode"):
+            files.append(folder / "cells.csv")
+        spots = folder / "spots" if count else folder
+        for rec in lines[1:]:
+            name = rec.get("name")
+            if isinstance(name, str) and name and Path(name).name == name:
+                files.append(spots / f"{name}.csv")
+            files += [folder / f for f in rec.get("files", []) if isinstance(f, str)]
+        top = folder.resolve()
+        return [f for f in files if f.resolve().is_relative_to(top) and f.resolve() != top]
+
+    def clear(self) -> int:
+        """Remove the recorded run's outputs (:meth:`outputs`) and the record, for a run
+        with ``--overwrite``: the folder then holds only the new run's results, never an
+        old table of an image that fails or is left out this time. Files the record does
+        not name (the user's) stay. Returns the number of files removed."""
+        removed = 0
+        for f in self.outputs():
+            if f.is_file() or f.is_symlink():
+                f.unlink()
+                removed += 1
+                if f.parent != self.path.parent:
+                    try:  # an emptied masks/ or spots/ folder
+                        f.parent.rmdir()
+                    except OSError:
+                        pass
+        self.reset()
+        return removed
 
     def done(self, name: str, target: Path) -> dict | None:
         """The record of an image whose outputs are all there, else None."""
@@ -665,15 +754,169 @@ class RunState:
 
 
 def run_record(command: str, args, images: list[Path], model_path: str) -> dict:
-    """What makes two runs the same command: the options, the model and the images."""
+    """What makes two runs the same command: the options, the model (its folder and the
+    fingerprint of its files, :func:`piscis.io.model_fingerprint`) and the images."""
+    from .io import model_fingerprint
+
     opts = {k: getattr(args, k, None) for k in RECORD_OPTIONS}
     opts["tile_size"] = args.tile_size
     return {
         "command": command,
         "model": model_path,
+        "model_sha256": model_fingerprint(model_path),
         "options": opts,
         "images": [str(f) for f in images],
     }
+
+
+class FolderBusy(InputError):
+    """Another run holds the output folder's lock; the message names the folder and it."""
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when process ``pid`` runs on this machine (or may: not ours to signal)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+class OutputLock:
+    """The lock file ``FOLDER/.piscis.lock`` of the run writing to an output folder.
+
+    Taken with ``O_CREAT | O_EXCL`` (atomic, also on NFS v3+), it holds the pid and host
+    of its run. A lock whose pid no longer runs on this host is stale (a killed run):
+    it is taken over with a warning. A lock of another host, or of a live pid, makes
+    :meth:`acquire` raise :class:`FolderBusy`. Use as a context manager, or call
+    :meth:`release` in a ``finally``.
+    """
+
+    STALE_EMPTY_S = 10.0  # a lock without its pid (cut short) older than this is stale
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.held = False
+        self.created_folder = False
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _owner(self) -> dict | None:
+        """The lock's content; None when it is gone; {} when it cannot be read."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            owner = json.loads(text)
+        except json.JSONDecodeError:
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def _stale(self, owner: dict) -> bool:
+        import socket
+
+        if not owner:  # written by a run killed between creating and filling it
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except OSError:
+                return False
+            return age > self.STALE_EMPTY_S
+        pid = owner.get("pid")
+        if owner.get("host") != socket.gethostname() or not isinstance(pid, int):
+            return False  # another machine's process: we cannot tell
+        return not _pid_alive(pid)
+
+    def _take_over(self, owner: dict) -> bool:
+        """Move a stale lock aside; False when another run changed it meanwhile."""
+        aside = self.path.with_name(f"{LOCK_NAME}.{os.getpid()}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return True  # gone already: try to create it again
+        moved = self._read_aside(aside)
+        if moved != owner:  # another run's fresh lock: put it back
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        pid = owner.get("pid", "?")
+        logger.warning(
+            "%s: taking over the lock of an earlier piscis run (pid %s on %s) that is no "
+            "longer running",
+            self.folder,
+            pid,
+            owner.get("host", "this machine"),
+        )
+        return True
+
+    @staticmethod
+    def _read_aside(path: Path) -> dict:
+        try:
+            owner = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def acquire(self) -> None:
+        """Take the lock, creating the folder if needed; :class:`FolderBusy` if held."""
+        import socket
+
+        if not self.folder.is_dir():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.created_folder = True
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is None:
+                    continue  # released meanwhile
+                if not self._stale(owner):
+                    raise FolderBusy(self._busy_message(owner)) from None
+                self._take_over(owner)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me) + "\n")
+            self.held = True
+            return
+        raise FolderBusy(self._busy_message(self._owner() or {}))
+
+    def _busy_message(self, owner: dict) -> str:
+        pid, host = owner.get("pid", "unknown"), owner.get("host", "unknown host")
+        return (
+            f"{self.folder}: another piscis run (pid {pid} on {host}) is writing to this "
+            f"folder; wait for it to end or choose another output folder (if no such run "
+            f"is left, delete {self.path})"
+        )
+
+    def release(self) -> None:
+        """Remove the lock (if this run holds it), and the folder if :meth:`acquire`
+        made it and nothing was written to it."""
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+        if self.created_folder:
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass  # holds results
 
 
 def output_files(folder: Path) -> dict[str, bytes]:

@@ -188,9 +188,10 @@ def _count_one(path: Path, args, model, masks: dict) -> list[_Plane]:
     else:
         wanted = {"nuclear_image": nuc_ch, "cytoplasm_image": cyto_ch}
         wanted = {k: c for k, c in wanted.items() if c is not None}
+        option = {"nuclear_image": "--nuclei-channel", "cytoplasm_image": "--cytoplasm-channel"}
         data = read_channels(
             path, [args.channel, *wanted.values()], axes=args.axes, project=project,
-            voxel_size=voxel,
+            voxel_size=voxel, options=["--channel", *(option[k] for k in wanted)],
         )  # fmt: skip
         # count_spots segments a (Z, Y, X) nucleus/cytoplasm channel on its max projection.
         extra = {k: d.image for k, d in zip(wanted, data[1:])}
@@ -406,6 +407,13 @@ def _write_labels(path: Path, labels: np.ndarray) -> None:
 
 
 def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as held:  # the output folder's lock, released on any exit
+        return _batch(args, spots_dir, summary_path, held)
+
+
+def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     from . import batch
     from .cells import CELL_COLUMNS
     from .io import atomic_write_text, load_model, model_dir, table_text
@@ -449,31 +457,6 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         except InputError as e:
             logger.error("%s", e)
             return 2
-    state = batch.RunState(out_dir)
-    record = batch.run_record(args.command, args, images, model_path)
-    resume = False
-    if not args.overwrite:
-        existing = [t for t in targets.values() if t.exists()]
-        for extra in (cells_path, summary_path):
-            if extra is not None and extra.exists():
-                existing.insert(0, extra)
-        if save_masks:
-            for n in names.values():
-                existing += sorted((out_dir / "masks").glob(f"{glob.escape(n)}.*.tif"))
-        resume = state.matches(record)
-        if existing and not resume:
-            why = " from a run with other options or inputs" if state.exists() else ""
-            logger.error(
-                "%s already holds results%s (%s%s); pass --overwrite or choose another output "
-                "folder (the same command resumes a stopped run)",
-                args.output,
-                why,
-                existing[0].name,
-                f" and {len(existing) - 1} more" if len(existing) > 1 else "",
-            )
-            return 2
-    else:
-        state.reset()
     try:
         model = load_model(model_path)
     except (InputError, OSError) as e:
@@ -492,6 +475,54 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
     if min_snr is not None and not 0 <= min_snr < float("inf"):
         logger.error("--min-snr must be 0 or more (0: no significance floor), got %s", min_snr)
         return 2
+    try:
+        opts = batch.task_options(args, model_path)
+    except InputError as e:
+        logger.error("%s", e)
+        return 2
+    # One run at a time in an output folder: the checks below and the writes are its own.
+    lock = batch.OutputLock(out_dir)
+    try:
+        lock.acquire()
+    except batch.FolderBusy as e:
+        logger.error("%s", e)
+        return 2
+    held.callback(lock.release)
+    state = batch.RunState(out_dir)
+    record = batch.run_record(args.command, args, images, model_path)
+    resume = False
+    if not args.overwrite:
+        existing = [t for t in targets.values() if t.exists()]
+        # The tables of a recorded run that finished no image hold no results (a run
+        # where every input failed): a corrected command may replace them.
+        tables_hold_results = state.finished() > 0 or not state.exists()
+        for extra in (cells_path, summary_path):
+            if extra is not None and extra.exists() and tables_hold_results:
+                existing.insert(0, extra)
+        if save_masks:
+            for n in names.values():
+                existing += sorted((out_dir / "masks").glob(f"{glob.escape(n)}.*.tif"))
+        resume = state.matches(record)
+        if existing and not resume:
+            why = state.mismatch(record)
+            logger.error(
+                "%s already holds results%s (%s%s); pass --overwrite or choose another output "
+                "folder (the same command resumes a stopped run)",
+                args.output,
+                why,
+                existing[0].name,
+                f" and {len(existing) - 1} more" if len(existing) > 1 else "",
+            )
+            return 2
+        if not resume and state.exists() and not state.finished():
+            state.clear()  # its empty tables: this run writes its own
+    else:
+        # The earlier run's results go, also those this run will not write again (its
+        # failures, images not among these inputs); the user's own files stay.
+        removed = sum(batch.RunState(d).clear() for d in dict.fromkeys([out_dir, spots_dir]))
+        if removed:
+            logger.info("--overwrite: removed %d file(s) of the earlier run", removed)
+        state.reset()
     batch.remove_temporaries([spots_dir, out_dir, out_dir / "masks"])
 
     from tqdm import tqdm
@@ -556,12 +587,6 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
         unit="image",
         disable=args.quiet or len(images) < 2,
     )
-    try:
-        opts = batch.task_options(args, model_path)
-    except InputError as e:
-        bar.close()
-        logger.error("%s", e)
-        return 2
     failed: dict[int, tuple[str, str]] = {}
     client = None
     if args.scheduler is not None or args.workers is not None:
@@ -604,9 +629,9 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
             batch.close_client(client)
     bar.close()
     failures += [failed[i] for i in sorted(failed)]  # in input order, whatever ran first
-    if rows or not failures:
-        # A run where every image failed leaves no summary, so it can simply be re-run.
-        write_tables()
+    # Also when every input failed: a summary with its header and no rows says so (the
+    # same command, or a corrected one, can simply be run again).
+    write_tables()
     dt = time.time() - t0
     if rows:
         logger.info(
@@ -615,7 +640,7 @@ def _run_batch(args, spots_dir: Path, summary_path: Path | None) -> int:
     if failures:
         logger.error("%d input(s) failed:", len(failures))
         for item, why in failures:
-            logger.error("  %s", why if item in why else f"{item}: {why}")
+            logger.error("  %s", why if why.startswith(item) else f"{item}: {why}")
         return 1
     return 0
 
@@ -739,16 +764,17 @@ def _preflight(pairs) -> None:
     )
 
 
-def _pixel_size_arg(text: str) -> tuple[float, float]:
-    """``S`` or ``SY,SX`` -> (y, x) pixel size, positive."""
+def _pixel_size_arg(text: str) -> tuple[float, ...]:
+    """``S``, ``SY,SX`` or ``SZ,SY,SX`` -> the pixel size (the one number, or per axis),
+    positive."""
     try:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
         vals = []
-    if len(vals) not in (1, 2) or not all(v > 0 for v in vals):
-        msg = f"expected a positive pixel size S or SY,SX, got {text!r}"
+    if len(vals) not in (1, 2, 3) or not all(0 < v < float("inf") for v in vals):
+        msg = f"expected a positive pixel size S, SY,SX or SZ,SY,SX, got {text!r}"
         raise argparse.ArgumentTypeError(msg)
-    return (vals[0], vals[-1])
+    return tuple(vals)
 
 
 def _columns_arg(text: str) -> tuple[str, ...]:
@@ -763,22 +789,41 @@ def _csv_options(p: argparse.ArgumentParser) -> None:
         "--pixel-size",
         type=_pixel_size_arg,
         default=None,
-        metavar="S[,SX]",
-        help="the spot CSVs are in physical units (e.g. um) with this pixel size (y,x): "
-        "coordinates are divided by it",
+        metavar="S|SY,SX|SZ,SY,SX",
+        help="the spot CSVs are in physical units (e.g. um) with this pixel size: "
+        "coordinates are divided by it (tables with a z column need SZ,SY,SX)",
     )
     p.add_argument(
         "--columns",
         type=_columns_arg,
         default=None,
         metavar="NAMES",
-        help="column names of spot CSVs without a header row, e.g. y,x or x,y,class",
+        help="column names of spot CSVs without a header row, e.g. y,x, x,y,class or "
+        "z,y,x (a header row naming the coordinates elsewhere is refused)",
     )
 
 
+EVALUATE_HELP = """\
+Matching: predictions and true spots are paired one to one (Hungarian) on Euclidean
+distance; F1@r = 2 TP / (n_pred + n_true) at r = 1, 2, 3 px;
+F1int is F1 averaged over cut-offs 0..3 px; prec, recall and loc_err (mean distance of
+the pairs) are at 3 px. 3D: when both tables have a z column (in slices), a pair at
+cut-off r must lie within r px in yx and within r slices in z (the tolerance of the
+field cases, 1.5 px and 1.5 slices, at r = 1.5), for every figure; loc_err is then the
+(z, y, x) distance. A z column in one table only: matched in yx, with a warning.
+Folders are paired by image name; a file without its partner is reported and left
+out; a CSV that cannot be read is reported and the others are scored (exit 1)."""
+
+
 def cmd_evaluate(args) -> int:
-    from .io import read_spots
-    from .metrics import mean_scores, score
+    """Score predicted against true spots, one line per image (and their mean).
+
+    Tables with a z column on both sides are matched in 3D with the cylinder tolerance
+    of :func:`piscis.metrics.match` (cut-off r: r px in yx and r slices in z), see
+    :data:`EVALUATE_HELP`. Exit 0; 1 when some pair could not be read (the others are
+    scored); 2 when nothing could be scored.
+    """
+    from .metrics import mean_scores
 
     pred, true = Path(args.pred), Path(args.truth)
     for path in (pred, true):
@@ -791,39 +836,67 @@ def cmd_evaluate(args) -> int:
     if pred.is_dir():
         # Paired by image name: "cells.csv" with "cells.csv", "cells.truth.csv" or
         # "cells.spots.csv" (the name piscis count gives, and a common truth name).
-        found = {}
-        for p in sorted(pred.glob("*.csv")):
-            found.setdefault(_image_name(p), p)
-        pairs = []
-        for t in sorted(true.glob("*.csv")):
-            name = _image_name(t)
-            if name in found:
-                pairs.append((name, found[name], t))
-            else:
-                logger.warning("%s: no prediction for %s in %s", t, name, pred)
+        preds, truths = _csvs_by_image(pred, "prediction"), _csvs_by_image(true, "truth")
+        for name in sorted(set(truths) - set(preds)):
+            logger.warning("%s: no prediction for %s in %s", truths[name], name, pred)
+        for name in sorted(set(preds) - set(truths)):
+            logger.warning("%s: no truth for %s in %s", preds[name], name, true)
+        pairs = [(name, preds[name], truths[name]) for name in sorted(set(preds) & set(truths))]
     else:
         pairs = [(_image_name(pred), pred, true)]
     if not pairs:
         logger.error("no prediction/truth pairs to compare")
         return 2
-    header = (
-        f"{'image':30s} {'n_pred':>6s} {'n_true':>6s} {'F1@1':>6s} {'F1@2':>6s} {'F1@3':>6s} "
-        f"{'F1int':>6s} {'prec':>6s} {'recall':>6s} {'loc_err':>7s}"
-    )
-    print(header)
-    scores = []
+    scores, n_failed = [], 0
     for name, p, t in pairs:
         try:
-            opts = {"columns": args.columns, "pixel_size": args.pixel_size}
-            s = score(read_spots(p, **opts), read_spots(t, **opts))
+            s = _score_pair(name, p, t, args)
         except InputError as e:
-            logger.error("%s", e)
-            return 2
+            logger.error("%s", e)  # this pair only: the others are scored
+            n_failed += 1
+            continue
+        if not scores:
+            print(
+                f"{'image':30s} {'n_pred':>6s} {'n_true':>6s} {'F1@1':>6s} {'F1@2':>6s} "
+                f"{'F1@3':>6s} {'F1int':>6s} {'prec':>6s} {'recall':>6s} {'loc_err':>7s}"
+            )
         scores.append(s)
         print(_score_line(name[:30], vars(s)))
     if len(scores) > 1:
         print(_score_line("mean", mean_scores(scores)))
+    if n_failed:
+        logger.error("%d of %d pair(s) could not be scored", n_failed, len(pairs))
+        return 1 if scores else 2
     return 0
+
+
+def _csvs_by_image(folder: Path, role: str) -> dict[str, Path]:
+    """The CSVs of a folder by image name; a second one for the same image is reported
+    and left out."""
+    found: dict[str, Path] = {}
+    for f in sorted(folder.glob("*.csv")):
+        name = _image_name(f)
+        if name in found:
+            logger.warning(
+                "%s: another %s for %s (%s is used), left out", f, role, name, found[name]
+            )
+            continue
+        found[name] = f
+    return found
+
+
+def _score_pair(name: str, pred: Path, true: Path, args):
+    """The scores of one prediction/truth pair: in 3D (cylinder) when both have z."""
+    from .io import read_spots
+    from .metrics import score
+
+    opts = {"columns": args.columns, "pixel_size": args.pixel_size, "zyx": True}
+    p, t = read_spots(pred, **opts), read_spots(true, **opts)
+    if p.shape[1] != t.shape[1]:
+        with_z = pred if p.shape[1] == 3 else true
+        logger.warning("%s: only %s has a z column; matched in yx", name, with_z)
+        p, t = p[:, -2:], t[:, -2:]
+    return score(p, t, cylinder=p.shape[1] == 3)
 
 
 def _image_name(path: Path) -> str:
@@ -890,6 +963,7 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--axes",
+        type=_axes_arg,
         default=None,
         help="axes of the file, overriding its metadata: letters T, C, Z, Y, X, e.g. ZYX, "
         "YXZ, CYX, YXC, ZCYX, TZCYX (see the README on input axes)",
@@ -938,7 +1012,8 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace existing results (without it, the same command resumes a stopped run)",
+        help="replace existing results: the earlier run's files (those its run record "
+        "names) are removed first (without it, the same command resumes a stopped run)",
     )
     g = p.add_mutually_exclusive_group()
     g.add_argument(
@@ -965,13 +1040,28 @@ def _tile_size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from None
 
 
+def _axes_arg(text: str) -> str:
+    """``--axes``: letters wrong for any image (unknown, repeated, no Y or X) are refused
+    here, once; the text itself is kept (the run record holds it as given)."""
+    from .io import axes_problem
+
+    problem = axes_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def _roi_arg(text: str) -> tuple[float, float, float, float]:
-    """``Y0,X0,H,W`` -> four numbers; a zero or negative size is refused here."""
+    """``Y0,X0,H,W`` -> four numbers; a zero or negative size, or a number that is not
+    finite, is refused here (once, not image by image)."""
     try:
         y0, x0, h, w = (float(v) for v in text.split(","))
     except ValueError:
         msg = f"expected Y0,X0,H,W (four numbers, pixels), got {text!r}"
         raise argparse.ArgumentTypeError(msg) from None
+    if not all(np.isfinite(v) for v in (y0, x0, h, w)):
+        msg = f"the ROI {text!r} holds a number that is not finite; give four numbers, pixels"
+        raise argparse.ArgumentTypeError(msg)
     if not (h > 0 and w > 0):
         msg = f"the ROI {text!r} is empty (height {h:g}, width {w:g}); give a positive size"
         raise argparse.ArgumentTypeError(msg)
@@ -1139,7 +1229,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "evaluate", parents=[common], help="F1 at 1/2/3 px, integrated F1, precision, recall"
+        "evaluate",
+        parents=[common],
+        help="F1 at 1/2/3 px, integrated F1, precision, recall",
+        description="F1 at 1/2/3 px, integrated F1, precision and recall of predicted "
+        "against true spots.",
+        epilog=EVALUATE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("pred", help="predicted spots: a CSV or a folder of CSVs")
     p.add_argument(

@@ -119,27 +119,37 @@ def read_spots(
     columns=None,
     pixel_size=None,
     merge_distance: float = 0.0,
+    zyx: bool = False,
 ) -> np.ndarray:
-    """Read spot coordinates (N, 2) in (y, x) from a CSV.
+    """Read spot coordinates (N, 2) in (y, x) from a CSV; with ``zyx``, (N, 3) in
+    (z, y, x) from a table that has a z column.
 
-    Accepted: our own tables (columns ``y``, ``x``, anything else ignored),
+    Accepted: our own tables (columns ``y``, ``x``, ``z``, anything else ignored),
     ``x``/``y`` in either order, napari's Points export (``axis-0`` = y,
-    ``axis-1`` = x; for 3D exports the last two axes are used). A file
-    without a header is refused unless ``columns`` names its columns.
+    ``axis-1`` = x; for 3D exports the last two axes are used, and with ``zyx`` the
+    one before them is z). A file without a header is refused unless ``columns``
+    names its columns.
 
     Parameters
     ----------
     path : str or Path
     columns : sequence of str, optional
         Names of the columns of a file without a header row, e.g. ``("x", "y")``
-        or ``("y", "x", "class")`` (``y`` and ``x`` are needed).
-    pixel_size : float or (float, float), optional
-        The file holds physical units (e.g. micrometres) with this pixel size
-        (y, x): coordinates are divided by it to give pixels.
+        or ``("y", "x", "class")`` (``y`` and ``x`` are needed). A file with a header
+        that names its coordinate columns elsewhere is refused (the names contradict
+        each other); one whose header agrees, or names no coordinates, is read with
+        these names.
+    pixel_size : float or sequence of float, optional
+        The file holds physical units (e.g. micrometres) with this pixel size: S,
+        (SY, SX) or (SZ, SY, SX); coordinates are divided by it to give pixels (and
+        z to give slices: (N, 3) coordinates need SZ).
     merge_distance : float
         Rows closer than this (px) are one spot, merged to their mean with a
         warning (e.g. one row per pixel of each spot's window); 0 (default): no
         merging. Training reads its tables with :data:`MERGE_DISTANCE`.
+    zyx : bool
+        Read the z column too when the table has one: (N, 3) coordinates; a table
+        without one still gives (N, 2).
 
     Notes
     -----
@@ -163,48 +173,84 @@ def read_spots(
         raise InputError(f"{path}: empty file, expected a header such as 'y,x'")
     header = [c.strip().lower() for c in rows[0][1]]
     if columns is not None:
-        header = [str(c).strip().lower() for c in columns]
-        if "y" not in header or "x" not in header:
+        given = [str(c).strip().lower() for c in columns]
+        if "y" not in given or "x" not in given:
             raise InputError(f"{path}: columns {list(columns)} must name 'y' and 'x'")
         if not _is_number(rows[0][1][0].strip()):
-            rows = rows[1:]  # the file has a header after all: the given names win
+            # The file has a header after all: the given names may only agree with it.
+            _check_given_columns(path, header, given, zyx)
+            rows = rows[1:]
+        header = given
         rows = [(0, header), *rows]
     elif _is_number(header[0]):
         raise InputError(
             f"{path}: no header row; the first line must name the columns, e.g. 'y,x' "
             "(or give the column names: --columns y,x / read_spots(columns=...))"
         )
-    if "y" in header and "x" in header:
-        iy, ix = header.index("y"), header.index("x")
-    else:
-        axes = [h for h in header if h.startswith("axis-")]
-        if len(axes) >= 2:
-            axes.sort(key=lambda h: int(h.split("-")[1]) if h.split("-")[1].isdigit() else 0)
-            iy, ix = header.index(axes[-2]), header.index(axes[-1])
-        else:
-            raise InputError(
-                f"{path}: columns {header} hold no coordinates; "
-                "expected 'y,x' or napari's 'axis-0,axis-1'"
-            )
+    where = _coordinate_columns(header, zyx)
+    if where is None:
+        raise InputError(
+            f"{path}: columns {header} hold no coordinates; "
+            "expected 'y,x' or napari's 'axis-0,axis-1'"
+        )
     if "class" in header:
         logger.info("%s: column 'class' ignored (every row is read as a spot)", path)
+    idx = list(where.values())
     out = []
     for k, r in rows[1:]:
         try:
-            out.append((float(r[iy]), float(r[ix])))
+            out.append(tuple(float(r[i]) for i in idx))
         except (ValueError, IndexError):
             raise InputError(f"{path}: line {k} is not numeric: {','.join(r)!r}") from None
-    coords = np.asarray(out, dtype=np.float64).reshape(-1, 2)
+    coords = np.asarray(out, dtype=np.float64).reshape(-1, len(idx))
     if not np.all(np.isfinite(coords)):
         raise InputError(f"{path}: non-finite coordinates")
     if pixel_size is not None:
-        size = np.broadcast_to(np.asarray(pixel_size, dtype=float), (2,))
-        if not np.all(size > 0):
-            raise InputError(f"{path}: pixel size must be positive, got {pixel_size!r}")
-        coords = coords / size
+        coords = coords / _pixel_sizes(path, pixel_size, len(idx))
     if merge_distance > 0 and len(coords) > 1:
         coords = _merge_close(coords, merge_distance, path)
     return coords
+
+
+def _coordinate_columns(header: list[str], zyx: bool) -> dict[str, int] | None:
+    """The positions of the coordinate columns a header names, z (with ``zyx`` and when
+    there is one), y, x in that order; None when it names none."""
+    if "y" in header and "x" in header:
+        where = {"z": header.index("z")} if zyx and "z" in header else {}
+        return where | {"y": header.index("y"), "x": header.index("x")}
+    axes = [h for h in header if h.startswith("axis-")]
+    if len(axes) < 2:
+        return None
+    axes.sort(key=lambda h: int(h.split("-")[1]) if h.split("-")[1].isdigit() else 0)
+    where = {"z": header.index(axes[-3])} if zyx and len(axes) >= 3 else {}
+    return where | {"y": header.index(axes[-2]), "x": header.index(axes[-1])}
+
+
+def _check_given_columns(path, header: list[str], given: list[str], zyx: bool) -> None:
+    """Refuse column names (``--columns``) that put the coordinates elsewhere than the
+    file's own header does."""
+    own = _coordinate_columns(header, zyx)
+    if own is None:
+        return  # the header names no coordinates: the given names say which they are
+    if own != _coordinate_columns(given, zyx):
+        raise InputError(
+            f"{path}: its header {','.join(header)!r} names the coordinate columns, and the "
+            f"column names given (--columns {','.join(given)}) put them elsewhere; drop "
+            "--columns (it is for files without a header row) or make it agree"
+        )
+
+
+def _pixel_sizes(path, pixel_size, n: int) -> np.ndarray:
+    """The pixel size S, (SY, SX) or (SZ, SY, SX) for ``n`` coordinate columns."""
+    size = np.asarray(pixel_size, dtype=float).ravel()
+    if size.size == 0 or size.size > 3 or not np.all(size > 0):
+        raise InputError(f"{path}: pixel size must be 1 to 3 positive numbers, got {pixel_size!r}")
+    if n == 3 and size.size != 3:
+        raise InputError(
+            f"{path}: a table with z needs the z step too: pixel size SZ,SY,SX "
+            f"(--pixel-size), got {pixel_size!r}"
+        )
+    return size[-n:] if size.size > 1 else np.repeat(size, n)
 
 
 def _merge_close(coords: np.ndarray, distance: float, path) -> np.ndarray:
@@ -219,7 +265,7 @@ def _merge_close(coords: np.ndarray, distance: float, path) -> np.ndarray:
     n = len(coords)
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     n_groups, lab = connected_components(graph, directed=False)
-    merged = np.zeros((n_groups, 2))
+    merged = np.zeros((n_groups, coords.shape[1]))
     np.add.at(merged, lab, coords)
     sizes = np.bincount(lab, minlength=n_groups)
     merged /= sizes[:, None]
@@ -473,15 +519,27 @@ def resolve_axes(
     return Stack(name, data, axes_out, spacing, source)
 
 
-def _parse_axes(axes: str, name: str) -> str:
+def axes_problem(axes: str) -> str | None:
+    """What is wrong with an axes text (``--axes``) whatever the image, or None."""
     letters = str(axes).strip().upper().replace("S", "C")
     bad = sorted({a for a in letters if a not in SUPPORTED_AXES})
+    twice = sorted({a for a in letters if letters.count(a) > 1})
     if bad or not letters:
-        raise InputError(
-            f"{name}: --axes {axes!r}: unknown letter(s) {', '.join(bad) or '(none given)'}; "
-            f"use T, C, Z, Y, X, e.g. one of {SUPPORTED_ORDERS}"
-        )
-    return letters
+        what = f"unknown letter(s) {', '.join(bad) or '(none given)'}"
+    elif twice:
+        what = f"{', '.join(twice)} given twice"
+    elif "Y" not in letters or "X" not in letters:
+        what = "no Y and X axes"
+    else:
+        return None
+    return f"{what}; use T, C, Z, Y, X, e.g. one of {SUPPORTED_ORDERS}"
+
+
+def _parse_axes(axes: str, name: str) -> str:
+    problem = axes_problem(axes)
+    if problem:
+        raise InputError(f"{name}: --axes {axes!r}: {problem}")
+    return str(axes).strip().upper().replace("S", "C")
 
 
 def _guess_unknown(shape, letters: str, name: str, channel_hint: bool, source: str):
@@ -547,8 +605,11 @@ def _warn_mislabelled(shape, letters: str, name: str, source: str) -> None:
             )
 
 
-def _split(stack: Stack, channel, project: bool, voxel_size, every_channel: bool):
-    """One ImageData per time point and channel of a resolved stack."""
+def _split(
+    stack: Stack, channel, project: bool, voxel_size, every_channel: bool, option="--channel"
+):
+    """One ImageData per time point and channel of a resolved stack; ``option`` names
+    ``channel`` in messages (the option the user gave it with)."""
     name, data, axes = stack.name, stack.data, stack.axes
     notes: list[str] = []
     index_c: list[int | None] = [None]
@@ -558,7 +619,7 @@ def _split(stack: Stack, channel, project: bool, voxel_size, every_channel: bool
         if channel is not None:
             if not (-n_c <= channel < n_c):
                 raise InputError(
-                    f"{name}: --channel {channel} out of range; the image has {n_c} channels "
+                    f"{name}: {option} {channel} out of range; the image has {n_c} channels "
                     f"(axes {axes})"
                 )
             index_c = [channel % n_c]
@@ -583,7 +644,7 @@ def _split(stack: Stack, channel, project: bool, voxel_size, every_channel: bool
                 )
     elif channel not in (None, 0):
         raise InputError(
-            f"{name}: --channel {channel} given but the image has no channel axis (axes "
+            f"{name}: {option} {channel} given but the image has no channel axis (axes "
             f"{axes}); pass --axes if the file holds channels, e.g. CYX or ZCYX"
         )
     n_t = data.shape[axes.index("T")] if "T" in axes else 1
@@ -652,7 +713,7 @@ def _check_pixels(data: np.ndarray, name: str) -> np.ndarray:
 
 
 def read_channels(
-    path, channels, axes: str | None = None, project: bool = False, voxel_size=None
+    path, channels, axes: str | None = None, project: bool = False, voxel_size=None, options=None
 ) -> list[ImageData]:
     """Read a multi-channel file once and return one image per requested channel.
 
@@ -670,6 +731,9 @@ def read_channels(
         Max-project a Z axis.
     voxel_size : sequence of float, optional
         As for :func:`read_image`.
+    options : sequence of str, optional
+        The option that gave each entry of ``channels`` (``"--nuclei-channel"``...), for
+        the messages; default ``"--channel"`` for every one.
 
     Returns
     -------
@@ -698,9 +762,10 @@ def read_channels(
             "channels for nuclei or cytoplasm are not supported; split the time points"
         )
     planes: dict = {}
-    for c in channels:
+    options = ["--channel"] * len(channels) if options is None else list(options)
+    for c, option in zip(channels, options):
         if c not in planes:
-            planes[c] = _split(stack, c, project, voxel_size, every_channel=False)[0][1]
+            planes[c] = _split(stack, c, project, voxel_size, False, option)[0][1]
     return [planes[c] for c in channels]
 
 
@@ -1062,6 +1127,28 @@ def model_dir(name_or_dir: str | os.PathLike | None) -> Path:
     raise InputError(
         f"{name_or_dir}: no such model folder; shipped models: {', '.join(known) or 'none'}"
     )
+
+
+MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def model_fingerprint(name_or_dir) -> str:
+    """The sha256 of a model folder's :data:`MODEL_FILES` (names and contents): it
+    changes when the weights or the configuration do, whatever the folder is called."""
+    import hashlib
+
+    folder = model_dir(name_or_dir)
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        digest.update(name.encode() + b"\0")
+        try:
+            with open(folder / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        except FileNotFoundError:
+            digest.update(b"(missing)")
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def load_model(name_or_dir=None) -> LoadedModel:

@@ -371,6 +371,30 @@ def _memory_message(name: str, tile: int, avail: float, margin: int, need=None) 
     return f"{name}: tiles of {tile} px {what}; pass a smaller --tile-size (e.g. {smaller})"
 
 
+# What torch, numpy and the C library say when an allocation fails (lower case).
+_NO_MEMORY_WORDS = (
+    "can't allocate",
+    "cannot allocate",
+    "unable to allocate",
+    "failed to allocate",
+    "not enough memory",
+    "out of memory",
+)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """True for an allocation failure: a MemoryError, an OSError ENOMEM, or an error
+    (torch's RuntimeError) whose text says that memory could not be allocated."""
+    import errno
+
+    if isinstance(e, MemoryError):
+        return True
+    if isinstance(e, OSError) and e.errno == errno.ENOMEM:
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(w in text for w in _NO_MEMORY_WORDS)
+
+
 def _available_memory() -> int | None:
     """Bytes this process may still allocate: free memory, or the address-space limit."""
     avail = None
@@ -437,7 +461,7 @@ def detect_blocks(
             try:
                 out = _forward(net, tile[None])[0]
             except (MemoryError, RuntimeError) as e:  # torch: "can't allocate memory"
-                if isinstance(e, RuntimeError) and "alloc" not in str(e).lower():
+                if not out_of_memory(e):
                     raise
                 name = getattr(plane, "name", "image")
                 avail = _available_memory() or 0

@@ -3,6 +3,13 @@
 The scores follow DESIGN.md section 5: predictions and true spots are paired
 one to one by the Hungarian algorithm on Euclidean distance, pairs farther
 apart than the cut-off being forbidden; F1 = 2 TP / (n_pred + n_true).
+
+In 3D, with ``cylinder=True`` (what ``piscis evaluate`` uses for tables with a z
+column), a cut-off of r allows a pair within r px in yx *and* within r slices in
+z, the tolerance of CASES.md (1.5 px in yx and 1.5 slices in z), rather than
+within r in 3D: F1 at 1/2/3 px and the integrated F1 (cut-offs 0..3) apply each
+cut-off to yx and to z alike, so z is scaled as yx is. The Hungarian cost, and
+the localisation error, stay the Euclidean (z, y, x) distance.
 """
 
 from __future__ import annotations
@@ -29,13 +36,18 @@ def _as_coords(points: np.ndarray) -> np.ndarray:
     return points
 
 
-def match(pred: np.ndarray, true: np.ndarray, cutoff: float) -> tuple[np.ndarray, np.ndarray]:
+def match(
+    pred: np.ndarray, true: np.ndarray, cutoff: float, cylinder: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Pair predictions with true spots one to one, at most ``cutoff`` apart.
 
     Parameters
     ----------
     pred, true : (N, D) and (M, D) arrays of coordinates.
     cutoff : largest distance (pixels) allowed for a pair.
+    cylinder : for (z, y, x) coordinates: a pair must lie within ``cutoff`` in yx and
+        within ``cutoff`` in z (a cylinder, CASES.md's 3D tolerance) instead of within
+        ``cutoff`` in 3D. No effect in 2D.
 
     Returns
     -------
@@ -47,8 +59,11 @@ def match(pred: np.ndarray, true: np.ndarray, cutoff: float) -> tuple[np.ndarray
     empty = (np.zeros(0, int), np.zeros(0, int))
     if len(pred) == 0 or len(true) == 0:
         return empty
+    cylinder = cylinder and pred.shape[1] == 3
+    # The cylinder lies in the ball of radius cutoff * sqrt(2): its candidates, filtered.
+    radius = cutoff * np.sqrt(2.0) if cylinder else cutoff
     tree_p, tree_t = cKDTree(pred), cKDTree(true)
-    sparse = tree_p.sparse_distance_matrix(tree_t, cutoff, output_type="coo_matrix")
+    sparse = tree_p.sparse_distance_matrix(tree_t, radius, output_type="coo_matrix")
     # sparse_distance_matrix drops exact-zero distances: find those separately.
     rows, cols, dist = list(sparse.row), list(sparse.col), list(sparse.data)
     for i, js in enumerate(tree_p.query_ball_tree(tree_t, 0.0)):
@@ -59,6 +74,12 @@ def match(pred: np.ndarray, true: np.ndarray, cutoff: float) -> tuple[np.ndarray
     if not rows:
         return empty
     rows, cols, dist = np.asarray(rows), np.asarray(cols), np.asarray(dist)
+    if cylinder:
+        d = pred[rows] - true[cols]
+        inside = (np.hypot(d[:, 1], d[:, 2]) <= cutoff) & (np.abs(d[:, 0]) <= cutoff)
+        rows, cols, dist = rows[inside], cols[inside], dist[inside]
+        if not len(rows):
+            return empty
 
     # Solve each connected group of candidates on its own (the same optimum as one
     # assignment over all of them, and a small matrix each, however large the image).
@@ -73,7 +94,7 @@ def match(pred: np.ndarray, true: np.ndarray, cutoff: float) -> tuple[np.ndarray
     bounds = np.flatnonzero(np.diff(group[order])) + 1
     out_p, out_t = [], []
     for idx in np.split(order, bounds):
-        p, t = _assign(rows[idx], cols[idx], dist[idx], cutoff)
+        p, t = _assign(rows[idx], cols[idx], dist[idx], radius)
         out_p.append(p)
         out_t.append(t)
     return np.concatenate(out_p), np.concatenate(out_t)
@@ -111,33 +132,36 @@ class Scores:
     loc_error: float  # mean distance of pairs matched at 3 px; nan if none
 
 
-def f1_at(pred: np.ndarray, true: np.ndarray, cutoff: float) -> float:
-    """F1 score with one-to-one matching at ``cutoff`` pixels."""
+def f1_at(pred: np.ndarray, true: np.ndarray, cutoff: float, cylinder: bool = False) -> float:
+    """F1 score with one-to-one matching at ``cutoff`` pixels (``cylinder``: as for
+    :func:`match`)."""
     pred, true = _as_coords(pred), _as_coords(true)
     if len(pred) == 0 and len(true) == 0:
         return 1.0
     if len(pred) == 0 or len(true) == 0:
         return 0.0
-    pi, _ = match(pred, true, cutoff)
+    pi, _ = match(pred, true, cutoff, cylinder)
     return 2.0 * len(pi) / (len(pred) + len(true))
 
 
-def integrated_f1(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean of F1 over cut-offs 0..3 px (trapezoid rule, divided by 3)."""
+def integrated_f1(pred: np.ndarray, true: np.ndarray, cylinder: bool = False) -> float:
+    """Mean of F1 over cut-offs 0..3 px (trapezoid rule, divided by 3; ``cylinder``: as
+    for :func:`match`)."""
     pred, true = _as_coords(pred), _as_coords(true)
     if len(pred) == 0 and len(true) == 0:
         return 1.0
     if len(pred) == 0 or len(true) == 0:
         return 0.0
-    f1 = [f1_at(pred, true, c) for c in INTEGRATION_CUTOFFS]
+    f1 = [f1_at(pred, true, c, cylinder) for c in INTEGRATION_CUTOFFS]
     return float(np.trapezoid(f1, INTEGRATION_CUTOFFS) / INTEGRATION_CUTOFFS[-1])
 
 
-def score(pred: np.ndarray, true: np.ndarray) -> Scores:
-    """All the figures of DESIGN.md section 5 for one image."""
+def score(pred: np.ndarray, true: np.ndarray, cylinder: bool = False) -> Scores:
+    """All the figures of DESIGN.md section 5 for one image; with ``cylinder``, (z, y, x)
+    points are matched within each cut-off in yx and in z (see :func:`match`)."""
     pred, true = _as_coords(pred), _as_coords(true)
     n_p, n_t = len(pred), len(true)
-    pi, ti = match(pred, true, 3.0)
+    pi, ti = match(pred, true, 3.0, cylinder)
     if n_p == 0 and n_t == 0:
         precision = recall = 1.0
     else:
@@ -147,10 +171,10 @@ def score(pred: np.ndarray, true: np.ndarray) -> Scores:
     return Scores(
         n_pred=n_p,
         n_true=n_t,
-        f1_1=f1_at(pred, true, 1.0),
-        f1_2=f1_at(pred, true, 2.0),
-        f1_3=f1_at(pred, true, 3.0),
-        f1_int=integrated_f1(pred, true),
+        f1_1=f1_at(pred, true, 1.0, cylinder),
+        f1_2=f1_at(pred, true, 2.0, cylinder),
+        f1_3=f1_at(pred, true, 3.0, cylinder),
+        f1_int=integrated_f1(pred, true, cylinder),
         precision=precision,
         recall=recall,
         loc_error=loc,

@@ -21,6 +21,7 @@ from skimage import io as skio
 
 import piscis
 from piscis import cli
+from piscis.batch import LOCK_NAME
 from piscis.batch import RECORD_NAME as RECORD
 
 SPOT_COLUMNS = ["y", "x", "score", "intensity", "background"]
@@ -29,6 +30,14 @@ SPOT_COLUMNS = ["y", "x", "score", "intensity", "background"]
 def _image(seed: int, shape=(32, 40)) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return (100 + rng.normal(0, 5, shape)).clip(0, None).astype(np.uint16)
+
+
+def _images(folder: Path, seed: int, n: int = 2) -> list[Path]:
+    """``n`` noise images ``i0.tif``... in ``folder``, from seeds ``seed``, ``seed + 1``..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        tifffile.imwrite(folder / f"i{k}.tif", _image(seed + k))
+    return [folder / f"i{k}.tif" for k in range(n)]
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:
@@ -108,6 +117,27 @@ def test_count_folder_with_bad_files(tmp_path, mixed_folder, tiny_model, capsys)
     assert len(jpg) == 1 and jpg[0].startswith("WARNING") and "JPG" in jpg[0], jpg
 
 
+def test_every_input_failing_still_writes_the_summary_header(tmp_path, tiny_model, capsys):
+    d = tmp_path / "in"
+    d.mkdir()
+    raw = {}
+    for k in range(2):
+        tifffile.imwrite(d / f"i{k}.tif", _image(100 + k))
+        raw[k] = (d / f"i{k}.tif").read_bytes()
+        (d / f"i{k}.tif").write_bytes(raw[k][: len(raw[k]) // 3])  # truncated
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model)
+    assert rc == 1 and "2 input(s) failed" in err
+    assert _table(out / "summary.csv") == (cli.SUMMARY_COLUMNS, [])
+    assert not any((out / "spots").glob("*.csv"))
+    # An empty summary is no result: a corrected command runs without --overwrite.
+    for k in range(2):
+        (d / f"i{k}.tif").write_bytes(raw[k])
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model, "--min-snr", "3")
+    assert rc == 0, err
+    assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["i0.tif", "i1.tif"]
+
+
 def test_count_blank_image(tmp_path, tiny_model, capsys):
     img = tmp_path / "blank.tif"
     tifffile.imwrite(img, np.zeros((32, 32), np.uint16))
@@ -154,6 +184,69 @@ def test_count_again_needs_overwrite(tmp_path, mixed_folder, tiny_model, capsys)
     assert set(_snapshot(out)) == set(before)
 
 
+def test_overwrite_leaves_only_this_runs_results(tmp_path, tiny_model, capsys):
+    """--overwrite removes what the earlier run wrote and this one does not write again (a
+    failed image's table, images left out, masks, cells.csv); the user's files stay."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for k, stem in enumerate("abc"):
+        two = np.stack([_image(70 + k), _image(80 + k)])
+        tifffile.imwrite(d / f"{stem}.tif", two, metadata={"axes": "CYX"})
+    out = tmp_path / "out"
+    cells = ["--channel", "0", "--nuclei-channel", "1", "--save-masks"]
+    rc, _, err = _run(capsys, "count", d, "-o", out, "--model", tiny_model, *cells)
+    assert rc == 0, err
+    first = set(_snapshot(out))
+    assert {"spots/c.csv", "cells.csv", "masks/c.nuclei.tif", "masks/c.cells.tif"} <= first
+    mine = ["notes.txt", "spots/mine.csv", "masks/mine.tif", "c.csv"]
+    for name in mine:  # the user's own files, named like results or not
+        (out / name).write_text("mine\n")
+    (d / "c.tif").write_bytes((d / "c.tif").read_bytes()[:300])  # c fails this time
+
+    argv = ["count", d / "a.tif", d / "c.tif", "-o", out, "--model", tiny_model, "--overwrite"]
+    rc, _, err = _run(capsys, *argv, "--channel", "0")
+    assert rc == 1
+    assert f"ERROR: {d / 'c.tif'}: not a readable TIFF" in err
+    left = set(_snapshot(out))
+    assert left == {RECORD, "summary.csv", "spots/a.csv", *mine}, left
+    assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["a.tif"]
+    assert all((out / name).read_text() == "mine\n" for name in mine)
+
+
+@pytest.mark.parametrize("change", ["weights", "config"])
+def test_resume_is_refused_when_the_model_changed(tmp_path, tiny_model, capsys, change):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    images = _images(tmp_path, 90)
+    out = tmp_path / "out"
+    argv = ["count", *images, "-o", out, "--model", model]
+    assert _run(capsys, *argv)[0] == 0
+    before = _snapshot(out)
+    if change == "weights":  # retrained in place: the same names, other numbers
+        weights = load_file(model / "model.safetensors")
+        first = sorted(weights)[0]
+        weights[first] = weights[first] + np.float32(0.01)
+        save_file(weights, model / "model.safetensors")
+    else:
+        config = json.loads((model / "config.json").read_text())
+        config["normalization"]["compression"] = 2.0
+        (model / "config.json").write_text(json.dumps(config))
+
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert "already holds results" in errors[0] and "--overwrite" in errors[0]
+    assert "model" in errors[0] and "changed" in errors[0] and str(model) in errors[0]
+    assert _snapshot(out) == before
+    assert _run(capsys, *argv, "--overwrite")[0] == 0
+
+
 def test_count_threshold_is_recorded(tmp_path, tiny_model, capsys):
     img = tmp_path / "i.tif"
     tifffile.imwrite(img, _image(3))
@@ -161,6 +254,47 @@ def test_count_threshold_is_recorded(tmp_path, tiny_model, capsys):
     rc, _, _ = _run(capsys, "count", img, "-o", out, "--model", tiny_model, "--threshold", "0.3")
     assert rc == 0
     assert float(_table(out / "summary.csv")[1][0]["threshold"]) == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("host", ["this", "other"])
+def test_a_folder_locked_by_a_live_run_is_refused_and_untouched(tmp_path, tiny_model, capsys, host):
+    import json
+    import socket
+
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, _image(60))
+    out = tmp_path / "out"
+    out.mkdir()
+    name = socket.gethostname() if host == "this" else socket.gethostname() + "-elsewhere"
+    (out / LOCK_NAME).write_text(json.dumps({"pid": os.getpid(), "host": name}))
+    before = _snapshot(out)
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
+    assert rc == 2
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1, err
+    assert str(out) in errors[0] and f"pid {os.getpid()}" in errors[0] and name in errors[0]
+    assert _snapshot(out) == before  # the other run's lock stays; nothing written
+
+
+def test_the_lock_of_a_dead_run_is_taken_over_and_released(tmp_path, tiny_model, capsys):
+    import json
+    import socket
+
+    img = tmp_path / "i.tif"
+    tifffile.imwrite(img, _image(61))
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait(timeout=60)  # its pid is now free
+    lock = {"pid": child.pid, "host": socket.gethostname()}
+    (out / LOCK_NAME).write_text(json.dumps(lock))
+    rc, _, err = _run(capsys, "count", img, "-o", out, "--model", tiny_model)
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "taking over the lock" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING")
+    assert f"pid {child.pid}" in warnings[0]
+    assert not (out / LOCK_NAME).exists()  # released at the end
+    assert len(_table(out / "summary.csv")[1]) == 1
 
 
 # --------------------------------------------------------------------------- detect
@@ -381,8 +515,101 @@ def test_an_error_inside_detection_does_not_stop_the_batch(
         capsys, "count", tmp_path / "big.tif", tmp_path / "ok.tif", "-o", out, "--model", tiny_model
     )
     assert rc == 1
-    assert "big.tif: DefaultCPUAllocator: not enough memory" in err
+    line = next(x for x in err.splitlines() if x.startswith(f"ERROR: {tmp_path / 'big.tif'}: "))
+    assert "memory ran out during detection (DefaultCPUAllocator: not enough memory)" in line
+    assert "smaller --tile-size (e.g. 512)" in line  # half the default 1024 (C18)
     assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["ok.tif"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                     "memory: you tried to allocate 1073741824 bytes. Error code 12"),
+        RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ],
+)  # fmt: skip
+def test_out_of_memory_suggests_half_the_tile(tmp_path, tiny_model, capsys, monkeypatch, error):
+    """C18: memory running out in one image's detection is one line naming the image and
+    a smaller --tile-size (half the current one; the smallest useful one says so); the
+    next image runs."""
+    import piscis.detect
+    from piscis.io import load_model
+    from piscis.model import receptive_margin
+
+    real = piscis.detect.detect
+
+    def short_of_memory(image, **kwargs):
+        if image.shape == (20, 20):
+            raise error
+        return real(image, **kwargs)
+
+    monkeypatch.setattr(piscis.detect, "detect", short_of_memory)
+    big = tmp_path / "in" / "big.tif"
+    big.parent.mkdir()
+    tifffile.imwrite(big, _image(120, (20, 20)))
+    ok = _images(tmp_path / "in", 121, 1)[0]
+    smallest = 4 * receptive_margin(load_model(tiny_model).net.channels)
+    for tile, advice in [
+        (3 * smallest, f"smaller --tile-size (e.g. {3 * smallest // 2})"),
+        (smallest + 1, f"smaller --tile-size (e.g. {smallest})"),
+        (smallest, f"--tile-size {smallest} is already the smallest useful"),
+        (1, f"--tile-size {smallest} is already the smallest useful"),
+    ]:
+        out = tmp_path / f"out{tile}"
+        argv = ["count", big, ok, "-o", out, "--model", tiny_model, "--tile-size", tile]
+        rc, _, err = _run(capsys, *argv)
+        assert rc == 1
+        lines = [x for x in err.splitlines() if "memory ran out" in x]
+        assert len(lines) == 2, err  # when it happened, and in the list of failures
+        assert lines[0].startswith(f"ERROR: {big}: memory ran out during detection")
+        assert advice in lines[0] and "Traceback" not in err
+        assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["i0.tif"]
+
+
+def test_every_error_about_an_image_starts_with_it_and_names_the_option_given(
+    tmp_path, tiny_model, capsys, monkeypatch
+):
+    import errno
+
+    d = tmp_path / "in"
+    d.mkdir()
+    tifffile.imwrite(d / "grey.tif", _image(130))  # no channel axis
+    two = np.stack([_image(131), _image(132)])
+    tifffile.imwrite(d / "two.tif", two, metadata={"axes": "CYX"})  # 2 channels
+    three = np.stack([_image(133), _image(134), _image(135)])
+    tifffile.imwrite(d / "three.tif", three, metadata={"axes": "CYX"}, photometric="minisblack")
+    tifffile.imwrite(d / "flaky.tif", two, metadata={"axes": "CYX"})
+    (d / "empty.tif").write_bytes(b"")
+    real = cli._count_one
+
+    def flaky_drive(path, *a, **k):  # a network drive failing while the file is read
+        if path.name == "flaky.tif":
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(cli, "_count_one", flaky_drive)
+    out = tmp_path / "out"
+    argv = ["count", d, "-o", out, "--model", tiny_model, "--channel", "0"]
+    rc, _, err = _run(capsys, *argv, "--nuclei-channel", "2")
+    assert rc == 1
+    paths = [str(d / n) for n in ("grey.tif", "two.tif", "flaky.tif", "empty.tif")]
+    errors = [x.split("ERROR: ", 1)[1] for x in err.splitlines() if "ERROR: " in x]
+    per_image = [x.strip() for x in errors if "input(s) failed" not in x]
+    assert len(per_image) == 2 * len(paths), err  # when it happened, and in the list
+    for line in per_image:
+        assert any(line.startswith(f"{p}: ") for p in paths), line
+    grey = [x for x in per_image if x.startswith(paths[0])]
+    two = [x for x in per_image if x.startswith(paths[1])]
+    assert all("--nuclei-channel 2 given but the image has no channel axis" in x for x in grey)
+    assert all("--nuclei-channel 2 out of range; the image has 2 channels" in x for x in two)
+    assert "--channel 2" not in err
+    assert [Path(r["image"]).name for r in _table(out / "summary.csv")[1]] == ["three.tif"]
+
+    cyto = ["--nuclei-channel", "1", "--cytoplasm-channel", "3", "--overwrite"]
+    rc, _, err = _run(capsys, *argv, *cyto)
+    assert f"{d / 'two.tif'}: --cytoplasm-channel 3 out of range" in err and rc == 1
 
 
 def test_glob_patterns(tmp_path, tiny_model, capsys):
@@ -544,6 +771,90 @@ def test_evaluate_no_pairs(tmp_path, capsys):
     assert "no prediction/truth pairs" in err
 
 
+def test_evaluate_columns_must_agree_with_a_real_header(tmp_path, capsys):
+    cases = [
+        ("y,x,score", "x,y", False),  # the header says y first: --columns contradicts it
+        ("index,axis-0,axis-1", "y,x,index", False),  # napari's export: y is axis-0
+        ("y,x,score", "y,x,score", True),  # they agree
+        ("a,b", "y,x", True),  # a header naming no coordinates: the names say which
+    ]
+    for k, (header, columns, ok) in enumerate(cases):
+        rows = {
+            "y,x,score": [(y, x, 0.9) for y, x in TRUTH],
+            "index,axis-0,axis-1": [(i, y, x) for i, (y, x) in enumerate(TRUTH)],
+            "a,b": [(y, x) for y, x in TRUTH],
+        }[header]
+        truth = tmp_path / f"t{k}.csv"
+        truth.write_text(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+        pred = _write_spots(tmp_path / f"p{k}.csv", TRUTH)
+        rc, out, err = _run(capsys, "evaluate", pred, truth, "--columns", columns)
+        if ok:
+            assert rc == 0, err
+            assert _parse(out)[1][pred.stem]["F1@1"] == 1.0
+        else:
+            assert rc == 2 and out == ""
+            errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+            assert errors[0].startswith((f"ERROR: {pred}: ", f"ERROR: {truth}: ")), err
+            assert f"its header {header.split(',')[0]}" in errors[0].replace("'", "")
+            assert f"--columns {columns}" in errors[0]
+
+
+def _write_spots_3d(path: Path, coords) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("z,y,x,score\n" + "".join(f"{z},{y},{x},0.9\n" for z, y, x in coords))
+    return path
+
+
+def test_evaluate_matches_z_stacks_in_3d(tmp_path, capsys):
+    """r px in yx and r slices in z at each cut-off r (CASES.md: 1.5 and 1.5)."""
+    true = np.array([[5.0, 10, 10], [5, 10, 30], [5, 30, 10], [5, 30, 30], [5, 50, 50]])
+    shift = np.array([[0.0, 0, 0], [0.8, 0, 0], [2.5, 0, 0], [0, 0.5, 0], [0.9, 0.9, 0]])
+    truth = _write_spots_3d(tmp_path / "t" / "v.csv", true)
+    pred = _write_spots_3d(tmp_path / "p" / "v.csv", true + shift)
+    rc, out, err = _run(capsys, "evaluate", pred, truth)
+    assert rc == 0, err
+    r = _parse(out)[1]["v"]
+    # 2.5 slices off: found at 3 only. 0.9 px and 0.9 slices (1.27 in 3D): found at 1.
+    assert (r["F1@1"], r["F1@2"], r["F1@3"]) == (0.8, 0.8, 1.0)
+    assert r["loc_err"] == pytest.approx(np.linalg.norm(shift, axis=1).mean(), abs=1e-3)
+    # Tables in micrometres: the pixel size in z too, or one line.
+    size = np.array([0.3, 0.1, 0.1])
+    um = [_write_spots_3d(tmp_path / d / "v.csv", c * size) for d, c in
+          (("p_um", true + shift), ("t_um", true))]  # fmt: skip
+    rc, out, err = _run(capsys, "evaluate", *um, "--pixel-size", "0.3,0.1,0.1")
+    assert rc == 0 and _parse(out)[1]["v"] == r, err
+    rc, out, err = _run(capsys, "evaluate", *um, "--pixel-size", "0.1")
+    assert rc == 2 and "needs the z step too" in err and out == ""
+    # z in one table only: matched in yx, said once.
+    flat = _write_spots(tmp_path / "p2" / "v.csv", true[:, 1:] + shift[:, 1:])
+    rc, out, err = _run(capsys, "evaluate", flat, truth)
+    assert rc == 0 and _parse(out)[1]["v"]["F1@1"] == 1.0
+    assert [line for line in err.splitlines() if "z column" in line] == [
+        f"WARNING: v: only {truth} has a z column; matched in yx"
+    ]
+
+
+def test_evaluate_folders_go_on_past_a_bad_csv_and_report_unpaired_files(tmp_path, capsys):
+    t, p = tmp_path / "t", tmp_path / "p"
+    for name in "abc":
+        _write_spots(t / f"{name}.csv", TRUTH)
+        _write_spots(p / f"{name}.csv", TRUTH)
+    (p / "b.csv").write_text("1,2\n3,4\n")  # no header
+    _write_spots(p / "extra.csv", TRUTH)  # no truth
+    _write_spots(t / "a.gt.csv", TRUTH[:1])  # a second truth for a
+    rc, out, err = _run(capsys, "evaluate", p, t)
+    assert rc == 1
+    assert set(_parse(out)[1]) == {"a", "c", "mean"}
+    assert _parse(out)[1]["a"]["F1@1"] == 1.0  # a.csv, the first truth for a
+    lines = err.splitlines()
+    assert len([x for x in lines if str(p / "b.csv") in x]) == 1
+    assert f"ERROR: {p / 'b.csv'}: no header row" in err
+    assert f"WARNING: {p / 'extra.csv'}: no truth for extra in {t}" in lines
+    assert [x for x in lines if "a.gt.csv" in x] == [
+        f"WARNING: {t / 'a.gt.csv'}: another truth for a ({t / 'a.csv'} is used), left out"
+    ]
+
+
 # --------------------------------------------------------------------------- version
 
 
@@ -608,13 +919,35 @@ def test_output_path_taken_by_a_file_is_one_line(tmp_path, capsys, tiny_model, b
     "option", [("--scale", "0"), ("--scale", "nan"), ("--min-snr", "-1"), ("--min-snr", "inf")]
 )
 def test_bad_scale_or_min_snr_is_refused_once_before_any_work(tmp_path, tiny_model, capsys, option):
-    images = []
-    for k in range(2):
-        images.append(tmp_path / f"i{k}.tif")
-        tifffile.imwrite(images[-1], _image(20 + k))
+    images = _images(tmp_path, 20)
     out = tmp_path / "out"
     rc, _, err = _run(capsys, "count", *images, "-o", out, "--model", tiny_model, *option)
     assert rc == 2
     errors = [line for line in err.splitlines() if line.startswith("ERROR")]
     assert len(errors) == 1 and option[0] in errors[0], err
     assert not (out / "spots").exists() or not any((out / "spots").iterdir())
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ("--roi", "nan,0,10,10"),
+        ("--roi", "0,-inf,10,10"),
+        ("--roi", "0,0,inf,10"),
+        ("--axes", "Q"),
+        ("--axes", "YYX"),
+        ("--axes", "ZC"),
+    ],
+)
+def test_bad_roi_or_axes_is_refused_once_before_any_image(tmp_path, tiny_model, capsys, option):
+    images = _images(tmp_path, 110)
+    out = tmp_path / "out"
+    argv = ["count", *images, "-o", out, "--model", tiny_model, *option]
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(a) for a in argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and option[0] in errors[0] and repr(option[1]) in errors[0], err
+    assert "i0.tif" not in err and "i1.tif" not in err  # no image was read
+    assert not out.exists()

@@ -95,3 +95,18 @@ def test_match_scales_to_a_whole_slide():
     pred = true + 0.3
     p, t = match(pred, true, 3.0)
     assert len(p) == len(true) and np.all(p == t)
+
+
+def test_cylinder_matches_within_the_cutoff_in_yx_and_in_z():
+    """CASES.md's 3D tolerance: 1.5 px in yx and 1.5 slices in z, not 1.5 in 3D."""
+    true = np.array([[10.0, 10.0, 10.0], [10.0, 40.0, 40.0], [10.0, 70.0, 70.0]])
+    pred = true + np.array([[1.4, 1.4, 0.0], [1.6, 0.0, 0.0], [0.0, 1.0, 1.1]])
+    pi, ti = match(pred, true, 1.5, cylinder=True)
+    assert sorted(pi) == [0, 2] and sorted(ti) == [0, 2]  # dz 1.6 is out, dyx 1.49 in
+    assert list(match(pred, true, 1.5)[0]) == [2]  # in 3D, 1.98 px is out
+    s = score(pred, true, cylinder=True)
+    assert s.f1_1 == 0.0 and s.f1_2 == 1.0 and s.f1_3 == 1.0
+    assert s.loc_error == pytest.approx(np.linalg.norm(pred - true, axis=1).mean())
+    # 2D points are not changed by it.
+    flat = pred[:, 1:]
+    assert f1_at(flat, true[:, 1:], 1.5, cylinder=True) == f1_at(flat, true[:, 1:], 1.5)
