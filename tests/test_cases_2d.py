@@ -1109,6 +1109,27 @@ def test_c18_bad_stream_pixels_setting_is_one_line(tmp_path, capsys, monkeypatch
 
 
 @needs_default
+@pytest.mark.parametrize("fill", [100, 0, 37, 900])
+def test_c01_constant_surround_is_not_taken_for_the_noise(default, fill):
+    """One cell kept, its surround set to one value (the background, 0 for a mask, any
+    other): the surround holds no noise. Set to the background it gave 1851 spots for
+    the 12 of the cell (the noise was measured as 0 over most of the image)."""
+    rng = np.random.default_rng(120)
+    yy, xx = np.mgrid[:512, :512]
+    grid = np.stack(np.meshgrid(np.arange(32, 512, 64), np.arange(32, 512, 64)), -1)
+    pts = grid.reshape(-1, 2) + rng.uniform(-3, 3, (64, 2))
+    image = rng.normal(100, 5, (512, 512)) + render_spots(
+        (512, 512), pts, np.full(64, 1.0), np.full(64, 400.0)
+    )
+    cell = np.hypot(yy - 256, xx - 256) < 120
+    inside = pts[cell[tuple(np.round(pts).astype(int).T)]]
+    data = np.where(cell, image, fill).round().astype(np.uint16)
+    got = detect(data, default).coords
+    pi, _ = match(got, inside, 1.5)
+    assert len(inside) == 12 and len(pi) == 12 and len(got) <= 13, len(got)
+
+
+@needs_default
 @pytest.mark.parametrize("dtype", [np.uint16, np.float32])
 def test_c01_noise_clipped_at_zero_is_not_stretched_into_spots(default, dtype):
     """Background taken away (or a camera offset removed) and clipped at 0: more than
