@@ -299,6 +299,10 @@ def segment_nuclei(
         return empty
     bg_level = float(np.median(image[~fg]))
     noise = 1.4826 * float(np.median(np.abs(image[~fg] - bg_level)))
+    # The nuclei's size, on the thresholded foreground (before the local-contrast cut,
+    # which splits a textured nucleus into bits).
+    whole, n_whole = ndi.label(ndi.binary_fill_holes(fg))
+    _check_diameter(ndi.distance_transform_edt(whole > 0), whole, n_whole, diameter)
     if local_ratio is not None:
         b = float(np.median(smoothed[~fg]))
         fg &= smoothed - b > local_ratio * (ndi.gaussian_filter(smoothed, diameter / 3) - b)
@@ -333,6 +337,31 @@ def segment_nuclei(
     labels = np.where(orphans > 0, orphans + n_regions, labels)
     labels = segmentation.relabel_sequential(labels)[0]
     return segmentation.relabel_sequential(_merge_small(labels, min_area))[0].astype(np.int64)
+
+
+def _check_diameter(dist, components, n: int, diameter: float) -> None:
+    """Warn when the foreground's objects are far wider or narrower than ``diameter``.
+
+    An object's width is its widest inscribed circle (twice its largest distance to the
+    background): a clump of touching nuclei is as wide as one of them. Nuclei 5 times
+    the diameter given are cut into some 20 pieces each, with no other sign of it.
+    """
+    if n == 0:
+        return
+    index = np.arange(1, n + 1)
+    big = np.bincount(components.ravel(), minlength=n + 1)[1:] >= 50  # not specks
+    if np.count_nonzero(big) < 3:
+        return
+    widths = 2 * np.asarray(ndi.maximum(dist, components, index=index[big]))
+    width = float(np.median(widths))
+    if not 0.4 * diameter <= width <= 2.0 * diameter:
+        logger.warning(
+            "nuclear channel: the nuclei look about %.0f px across (median widest inscribed "
+            "circle of %d objects) for a nucleus diameter of %g px: they may be %s; set the "
+            "diameter to about %.0f (--nucleus-diameter in the CLI)",
+            width, len(widths), diameter,
+            "cut into pieces" if width > diameter else "merged", width,
+        )  # fmt: skip
 
 
 def _merge_small(labels: np.ndarray, min_area: float) -> np.ndarray:

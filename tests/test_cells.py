@@ -623,3 +623,21 @@ def test_stardist_example_segmentation():
     result = _load_eval().run(DATA)
     assert result["n_true"] == 125
     assert result["fraction_matched"] >= 0.85
+
+
+@pytest.mark.parametrize("given, warned", [(20, "cut into pieces"), (90, None), (400, "merged")])
+def test_segment_nuclei_warns_when_the_diameter_is_far_off(caplog, given, warned):
+    """Nuclei 90 px across: a diameter of 20 cuts them into pieces with no other sign of
+    it (the sample's 18 nuclei of about 100 px gave 423 at the default 30); the warning
+    gives the size seen. The right diameter gives no warning."""
+    rng = np.random.default_rng(31)
+    yy, xx = np.mgrid[:512, :512]
+    image = rng.normal(100, 5, (512, 512))
+    for cy, cx in [(110, 110), (110, 390), (390, 110), (390, 390), (250, 250)]:
+        image += 300 * (np.hypot(yy - cy, xx - cx) < 45)
+    caplog.set_level(logging.WARNING, logger="piscis.cells")
+    labels = segment_nuclei(image, given)
+    if warned is None:
+        assert labels.max() == 5 and "diameter" not in caplog.text
+    else:
+        assert warned in caplog.text and "look about 9" in caplog.text, caplog.text
