@@ -225,6 +225,10 @@ def train(
         best = json.loads(state["best"])
         logger.info("resumed from %s at epoch %d", ckpt_dir / "last.pt", start_epoch)
 
+    # A fine-tuned model keeps its parent's decoding (threshold, significance floor)
+    # unless the threshold is chosen again on validation: the parent's were chosen on
+    # validation data, and a model without a floor finds spots in pure noise.
+    threshold = cfg.threshold if init is None else float(init_cfg.get("threshold", cfg.threshold))
     model_config = {
         "name": out_dir.name,
         "piscis_version": __version__,
@@ -237,7 +241,7 @@ def train(
             "statistics": "whole image" if cfg.normalization == "image" else "each crop",
             "mode": cfg.normalization,
         },
-        "threshold": cfg.threshold,
+        "threshold": threshold,
         "scale": float(init_cfg.get("scale", 1.0)),
         "training": {
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -247,6 +251,8 @@ def train(
             "description": description,
         },
     }
+    if init_cfg.get("min_snr") is not None:
+        model_config["min_snr"] = float(init_cfg["min_snr"])
 
     stopped = False
     step = start_epoch * cfg.steps_per_epoch
@@ -288,7 +294,7 @@ def train(
             "seconds": time.time() - t0,
         }
         if val_pairs and (losses or stopped):
-            val = evaluate_pairs(_inference_copy(net, model_config), val_pairs, cfg.threshold)
+            val = evaluate_pairs(_inference_copy(net, model_config), val_pairs, threshold)
             record["val"] = val
             val_score = val["f1_int"]
         else:

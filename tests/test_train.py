@@ -122,3 +122,18 @@ def test_short_training_learns_to_find_spots(tmp_path):
     out = train(pairs[:3], tmp_path / "m", cfg, val_pairs=pairs[3:])
     spots = detect(pairs[3].image, load_model(out))
     assert f1_at(spots.coords, pairs[3].coords, 2.0) > 0.7
+
+
+def test_fine_tuning_keeps_the_parents_threshold_and_significance_floor(tmp_path):
+    """A model fine-tuned from the default keeps its threshold and min_snr (they were
+    saved as 0.5 and none: the fine-tuned model then found spots in pure noise)."""
+    parent = load_model("default")
+    if parent.config.get("min_snr") is None:
+        pytest.skip("the default model has no significance floor")
+    pairs = _pairs()
+    cfg = _tiny(channels=tuple(parent.config["architecture"]["channels"]))
+    out = train(pairs[:2], tmp_path / "ft", cfg, val_pairs=pairs[2:], init="default")
+    child = load_model(out)
+    assert child.threshold == parent.threshold and child.min_snr == parent.min_snr
+    scratch = load_model(train(pairs[:2], tmp_path / "new", _tiny(), val_pairs=pairs[2:]))
+    assert scratch.threshold == TrainConfig().threshold  # from scratch: the set value
