@@ -667,6 +667,14 @@ def cmd_train(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.init is not None:
+        from .io import load_model
+
+        try:  # a damaged model is said before the data are read (and cached for train)
+            load_model(args.init)
+        except (InputError, OSError) as e:
+            logger.error("%s", e)
+            return 2
     try:
         pairs = load_pairs(
             args.data, channel=args.channel, columns=args.columns, pixel_size=args.pixel_size

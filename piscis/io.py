@@ -1171,20 +1171,59 @@ def load_model(name_or_dir=None) -> LoadedModel:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{cfg_path}: invalid JSON ({e})") from None
-    arch = config.get("architecture", {})
-    net = SpotNet(tuple(arch.get("channels", (8, 16, 32, 64))), int(arch.get("in_channels", 1)))
-    state = load_file(str(w_path))
+    except UnicodeDecodeError:
+        raise InputError(f"{cfg_path}: not a text file; copy the model folder again") from None
+    arch = config.get("architecture", {}) if isinstance(config, dict) else None
     try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
+        channels = tuple(int(c) for c in arch.get("channels", (8, 16, 32, 64)))
+        net = SpotNet(channels, int(arch.get("in_channels", 1)))
+    except (AttributeError, TypeError, ValueError):
         raise InputError(
-            f"{w_path}: weights do not fit the architecture in config.json ({e})"
+            f"{path}: config.json holds no usable 'architecture' (e.g. channels [8, 16, 32, "
+            "64]); copy the model folder again"
         ) from None
+    try:
+        state = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001  (safetensors' own error type for a bad file)
+        # Truncated by a copy or a download: one line, not safetensors' traceback.
+        raise InputError(
+            f"{path}: model.safetensors cannot be read ({e}); the file is truncated or "
+            "damaged: copy the model folder again"
+        ) from None
+    problem = _weights_problem(net.state_dict(), state)
+    if problem:
+        raise InputError(
+            f"{path}: model.safetensors does not fit the architecture in config.json "
+            f"(channels {list(channels)}): {problem}; the two files come from different models"
+        )
+    net.load_state_dict(state)
     net = fuse_batchnorm(net.eval())
     net = net.to(memory_format=__import__("torch").channels_last)
     loaded = LoadedModel(net, config, path)
     _CACHE[key] = loaded
     return loaded
+
+
+def _weights_problem(expected: dict, found: dict) -> str | None:
+    """How a weights file differs from a network's tensors, in a few words (torch's
+    own message lists every tensor, one per line); None when it fits."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [
+        k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} of {len(expected)} tensors differ in shape (e.g. {k}: "
+            f"{tuple(found[k].shape)} in the file, {tuple(expected[k].shape)} expected)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+    return ", ".join(parts) or None
 
 
 def save_model(net, config: dict, folder: str | Path, card: str, overwrite: bool = False) -> Path:

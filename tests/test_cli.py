@@ -951,3 +951,53 @@ def test_bad_roi_or_axes_is_refused_once_before_any_image(tmp_path, tiny_model, 
     assert len(errors) == 1 and option[0] in errors[0] and repr(option[1]) in errors[0], err
     assert "i0.tif" not in err and "i1.tif" not in err  # no image was read
     assert not out.exists()
+
+
+def _broken_model(tmp_path: Path, tiny_model, how: str) -> Path:
+    """A copy of ``tiny_model`` whose weights are cut short, or whose config.json names
+    another architecture than its weights."""
+    import json
+    import shutil
+
+    folder = tmp_path / f"model_{how}"
+    shutil.copytree(tiny_model, folder)
+    weights = folder / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["architecture"]["channels"] = [8, 16, 32, 64]
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("how", ["truncated", "mismatched"])
+@pytest.mark.parametrize("command", ["count", "detect", "train"])
+def test_a_damaged_model_folder_is_one_line_and_exit_2(tmp_path, tiny_model, capsys, how, command):
+    model = _broken_model(tmp_path, tiny_model, how)
+    data = tmp_path / "data"
+    _images(data, 40, n=1)
+    (data / "i0.csv").write_text("y,x\n10,12\n")
+    if command == "train":
+        argv = ["train", data, "-o", tmp_path / "new", "--init", model, "--epochs", "1"]
+    else:
+        argv = [command, data / "i0.tif", "-o", tmp_path / "o", "--model", model]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"ERROR: {model.resolve()}: model.safetensors")
+    what = "cannot be read" if how == "truncated" else "does not fit the architecture"
+    assert what in lines[0]
+    assert "Traceback" not in err and "size mismatch" not in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("how", ["truncated", "mismatched"])
+def test_a_damaged_model_folder_raises_input_error_in_the_api(tmp_path, tiny_model, how):
+    from piscis.io import InputError
+
+    model = _broken_model(tmp_path, tiny_model, how)
+    with pytest.raises(InputError, match="model.safetensors") as e:
+        piscis.detect_spots(_image(41), model=model)
+    assert "\n" not in str(e.value)
