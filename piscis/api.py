@@ -80,6 +80,7 @@ def count_spots(
     expand: float = 15,
     tile_size: int | None = None,
     min_snr: float | None = None,
+    min_planes: int | None = None,
     spacing=None,
     name: str = "image",
     return_masks: bool = False,
@@ -128,6 +129,9 @@ def count_spots(
         Tile size of the detector (default its own).
     min_snr : float, optional
         Significance floor of the detector (default the model's own).
+    min_planes : int, optional
+        For a volume: planes a spot must be seen in (default the detector's, 2; 1 for
+        fewer than 3 planes); ignored for a 2D image.
     spacing : tuple, optional
         Voxel size (z, y, x) in micrometres of a volume (``ImageData.spacing``), for the
         detector's ``fwhm_*_um`` columns.
@@ -206,6 +210,8 @@ def count_spots(
         options["roi"] = roi
     if len(shape) == 3 and spacing is not None:
         options["spacing"] = spacing
+    if len(shape) == 3 and min_planes is not None:
+        options["min_planes"] = min_planes
     spots = detect(
         image, model=model, threshold=threshold, scale=scale, name=name, min_snr=min_snr, **options
     )

@@ -63,6 +63,7 @@ RECORD_OPTIONS = (
     "scale",
     "tile_size",
     "min_snr",
+    "min_planes",
     "channel",
     "axes",
     "project",
@@ -363,6 +364,7 @@ def _run_image(job: Job, opts, split: bool, progress) -> Result | Plan:
             name=str(path),
             progress=progress,
             spacing=tuple(voxel) if voxel is not None and len(voxel) == 3 else None,
+            min_planes=getattr(opts, "min_planes", None),
         )
         return _spots_result(job, opts, spots, volume.shape)
     if plane is not None:

@@ -231,6 +231,7 @@ def _count_one(path: Path, args, model, masks: dict) -> list[_Plane]:
             scale=args.scale,
             tile_size=args.tile_size,
             min_snr=args.min_snr,
+            min_planes=getattr(args, "min_planes", None),
             spacing=plane.spacing,
             name=f"{path}{where}",
             return_masks=True,
@@ -1010,6 +1011,14 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
         "(default: the model's own, 5; 0 keeps every spot above the threshold)",
     )
     p.add_argument(
+        "--min-planes",
+        type=_min_planes_arg,
+        default=None,
+        metavar="N",
+        help="z-stacks: planes a spot must be seen in (default 2; 1 for stacks of fewer "
+        "than 3 planes); 1 when the z step is as coarse as the spots are deep",
+    )
+    p.add_argument(
         "--roi",
         type=_roi_arg,
         default=None,
@@ -1046,6 +1055,18 @@ def _tile_size_arg(text: str) -> int:
         return whole_pixels(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from None
+
+
+def _min_planes_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of planes, 1 or more, got {text!r}"
+        )
+    return n
 
 
 def _axes_arg(text: str) -> str:
