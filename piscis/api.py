@@ -104,7 +104,9 @@ def count_spots(
     ----------
     image : (Y, X) or (Z, Y, X) array
         The spot channel. A volume may be any array-like with ``.shape``, ``.dtype``
-        and ``image[z]`` (zarr, memmap); it is read plane by plane.
+        and ``image[z]`` (zarr, memmap); it is read plane by plane. A (Y, X, C) colour
+        array (last axis 1 to 4 long, the others longer than 16) is refused: pass
+        ``image[..., c]``.
     cells, nuclei : int arrays, optional
         Label images: (Y, X) of the image's (Y, X) shape (for a volume, applied to
         every plane), or (Z, Y, X) of a volume's shape; refused, with both shapes,
@@ -180,6 +182,9 @@ def count_spots(
             f"{name}: count_spots takes a 2D (Y, X) image or a 3D (Z, Y, X) volume, "
             f"got shape {tuple(image.shape)}"
         )
+    from .detect3d import check_not_channels_last
+
+    check_not_channels_last(image.shape, name)  # before any segmentation
     if nuclei is not None and nuclear_image is not None:
         raise ValueError(f"{name}: give nuclei or nuclear_image, not both")
     if cells is not None and cytoplasm_image is not None:

@@ -75,7 +75,25 @@ def check_volume(vol, name: str = "image"):
         raise ValueError(f"{name}: a volume must be 3D (Z, Y, X), got shape {tuple(vol.shape)}")
     if 0 in tuple(vol.shape):
         raise ValueError(f"{name}: image has a zero-size axis: shape {tuple(vol.shape)}")
+    check_not_channels_last(vol.shape, name)
     return vol
+
+
+CHANNELS_LAST = 4  # a last axis this short, under two axes longer than ...
+MIN_PLANE_SIDE = 16  # ... this, is colour channels (Y, X, C), not a (Z, Y, X) stack
+
+
+def check_not_channels_last(shape, name: str = "image") -> None:
+    """Refuse a 3D shape that is a (Y, X, C) colour image (what PIL, imageio and
+    scikit-image give for an RGB file), not a (Z, Y, X) stack: it would be detected as
+    Y planes of X by C pixels."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 3 and shape[-1] <= CHANNELS_LAST and min(shape[:2]) > MIN_PLANE_SIDE:
+        raise ValueError(
+            f"{name}: shape {shape} looks like a (Y, X, C) image with {shape[-1]} channel(s) "
+            "last, not a (Z, Y, X) stack; pass one channel, image[..., c] (a 2D image), or "
+            "a (Z, Y, X) stack (np.moveaxis(image, -1, 0) for planes stored last)"
+        )
 
 
 def read_plane(vol, z: int) -> np.ndarray:

@@ -503,3 +503,26 @@ def test_min_planes_must_be_a_whole_number_from_1(tmp_path, capsys, bad):
         cli.main(["count", str(tmp_path / "a.tif"), "-o", str(tmp_path / "o"), "--min-planes", bad])
     assert e.value.code == 2
     assert "--min-planes: expected a whole number of planes, 1 or more" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- (Y, X, C) arrays
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_a_channels_last_array_is_refused_not_read_as_a_stack(model, channels):
+    rng = np.random.default_rng(6)
+    grey, _ = synth.spot_image(rng, (64, 64), n_spots=8, sigma=1.0, amp=400)
+    yxc = np.repeat(grey[..., None], channels, axis=-1)  # what PIL or imageio give
+    for call in (lambda: detect(yxc, model), lambda: count_spots(yxc, model=model)):
+        with pytest.raises(ValueError) as e:
+            call()
+        text = str(e.value)
+        assert f"shape (64, 64, {channels})" in text and "channel(s) last" in text
+        assert "image[..., c]" in text and "(Z, Y, X) stack" in text
+    # A real stack of as few planes, z first, is detected in 3D as before.
+    yx = np.stack(np.meshgrid([16.0, 48.0], [16.0, 48.0]), -1).reshape(-1, 2)
+    true = np.column_stack([np.full(4, (channels - 1) / 2), yx])
+    vol, _ = synth.spot_volume(rng, (channels, 64, 64), coords=true, sigma=(1.0, 1.0))
+    assert len(match3(detect(vol, model).coords, true)) == 4
+    table = count_spots(vol, model=model)[0]
+    assert len(match3(np.column_stack([table["z"], table["y"], table["x"]]), true)) == 4
