@@ -74,15 +74,23 @@ def _umask() -> int:
     return mask
 
 
+# Columns in the image's grey levels, whose unit may be anything (a float image in 0..1,
+# or 1e-7 per grey level): significant digits, not decimals (4 decimals wrote 0.0000).
+SIGNIFICANT_COLUMNS = {"intensity": "{:.6g}", "background": "{:.6g}"}
+
+
 def table_text(columns: dict[str, np.ndarray | list], float_format: str = "{:.4f}") -> str:
-    """CSV text (with header) of equal-length columns."""
+    """CSV text (with header) of equal-length columns: floats with ``float_format``
+    (coordinates: 4 decimals, 0.1 nm at 1 um per pixel), those of
+    :data:`SIGNIFICANT_COLUMNS` with 6 significant digits."""
     names = list(columns)
     n = len(next(iter(columns.values()))) if columns else 0
     lines = [",".join(names)]
     cols = [columns[k] for k in names]
+    formats = [SIGNIFICANT_COLUMNS.get(k, float_format) for k in names]
     for i in range(n):
         cells = []
-        for col in cols:
+        for col, fmt in zip(cols, formats):
             v = col[i]
             if v is None:
                 cells.append("")
@@ -91,7 +99,7 @@ def table_text(columns: dict[str, np.ndarray | list], float_format: str = "{:.4f
             elif isinstance(v, (int, np.integer)):
                 cells.append(str(int(v)))
             elif isinstance(v, (float, np.floating)):
-                cells.append("" if not np.isfinite(v) else float_format.format(float(v)))
+                cells.append("" if not np.isfinite(v) else fmt.format(float(v)))
             else:
                 cells.append(_csv_cell(str(v)))
         lines.append(",".join(cells))

@@ -1001,3 +1001,30 @@ def test_a_damaged_model_folder_raises_input_error_in_the_api(tmp_path, tiny_mod
     with pytest.raises(InputError, match="model.safetensors") as e:
         piscis.detect_spots(_image(41), model=model)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("unit", [1 / 65535, 1e-4 / 65535])
+def test_spot_tables_keep_the_intensity_of_float_images_in_any_unit(
+    tmp_path, spotty_model, capsys, unit
+):
+    from piscis.annotate import read_spot_table
+    from piscis.io import read_spots
+
+    img = (_image(42, (48, 48)).astype(np.float64) * unit).astype(np.float32)  # 0..1 or less
+    tifffile.imwrite(tmp_path / "f.tif", img)
+    argv = ["detect", tmp_path / "f.tif", "-o", tmp_path / "o", "--model", spotty_model]
+    assert _run(capsys, *argv)[0] == 0
+    spots = piscis.detect.detect(img, spotty_model)
+    assert len(spots) > 0 and np.all(spots.background > 0)
+    names, rows = _table(tmp_path / "o" / "f.csv")
+    assert names == SPOT_COLUMNS
+    for col, want in (("intensity", spots.intensity), ("background", spots.background)):
+        got = np.array([float(r[col]) for r in rows])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+    assert all(len(r["y"].split(".")[1]) == 4 for r in rows)  # coordinates as before
+    # The readers of these tables: the napari plugin's, read_spots and evaluate.
+    table = read_spot_table(tmp_path / "o" / "f.csv")
+    np.testing.assert_allclose(table.features["intensity"], spots.intensity, rtol=1e-5)
+    np.testing.assert_allclose(read_spots(tmp_path / "o" / "f.csv"), spots.coords, atol=1e-4)
+    rc, out, _ = _run(capsys, "evaluate", tmp_path / "o" / "f.csv", tmp_path / "o" / "f.csv")
+    assert rc == 0 and " 1.000 " in out
