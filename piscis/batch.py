@@ -724,12 +724,30 @@ class RunState:
         self.reset()
         return removed
 
-    def done(self, name: str, target: Path) -> dict | None:
-        """The record of an image whose outputs are all there, else None."""
+    def done(self, name: str, target: Path, image: Path | None = None) -> dict | None:
+        """The record of an image whose outputs are all there and whose file (``image``)
+        has the size and modification time recorded when it was read, else None."""
         for rec in reversed(self._read()[1:]):
             if rec.get("name") == name:
                 files = [target, *(self.path.parent / f for f in rec.get("files", []))]
-                return rec if all(f.exists() for f in files) else None
+                if not all(f.exists() for f in files):
+                    return None
+                was, now = rec.get("stamp"), file_stamp(image) if image is not None else None
+                if was is not None and was != now:
+                    now = now or {}
+                    what = [
+                        f"size {was.get('size')} -> {now.get('size')} bytes"
+                        if was.get("size") != now.get("size")
+                        else "",
+                        "modified" if was.get("mtime_ns") != now.get("mtime_ns") else "",
+                    ]
+                    logger.info(
+                        "%s: the file changed since its results were written (%s); counted again",
+                        image,
+                        ", ".join(w for w in what if w),
+                    )
+                    return None
+                return rec
         return None
 
     def start(self, record: dict, keep: bool) -> None:
@@ -740,19 +758,32 @@ class RunState:
         self._lines = lines
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
 
-    def finish(self, result: Result, files: list[Path]) -> None:
+    def finish(self, result: Result, files: list[Path], stamp: dict | None = None) -> None:
+        """Record a finished image: its rows, output files and the :func:`file_stamp`
+        of its file as it was read (a file replaced since is counted again)."""
         rec = {
             "name": result.name,
             "rows": result.rows,
             "cell_rows": result.cell_rows,
             "n_spots": result.n_spots,
             "files": [Path(os.path.relpath(f, self.path.parent)).as_posix() for f in files],
+            "stamp": stamp,
         }
         with open(self.path, "a", newline="") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self._read().append(rec)
+
+
+def file_stamp(path: Path) -> dict | None:
+    """An image file's size and modification time (ns), as the run record keeps them
+    (for a Zarr folder, the folder's own); None when it cannot be read."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
 def run_record(command: str, args, images: list[Path], model_path: str) -> dict:

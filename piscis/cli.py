@@ -534,8 +534,11 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     rows: dict[int, list[dict]] = {}
     cell_rows: dict[int, list[dict]] = {}
     jobs = []
+    # Each image's size and modification time before it is read: recorded with its
+    # results, so that a file replaced after that is counted again on resuming.
+    stamps = {path: batch.file_stamp(path) for path in images}
     for i, path in enumerate(images):
-        done = state.done(names[path], targets[path]) if resume else None
+        done = state.done(names[path], targets[path], path) if resume else None
         if done is not None:
             rows[i], cell_rows[i] = done["rows"], done["cell_rows"]
             continue
@@ -616,7 +619,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
                     if kind in result.segmented:
                         written.append(out_dir / "masks" / f"{names[path]}.{kind}.tif")
                         _write_labels(written[-1], result.segmented[kind])
-            state.finish(result, written)
+            state.finish(result, written, stamps[path])
             rows[result.index], cell_rows[result.index] = result.rows, result.cell_rows
             n_total += result.n_spots
             n_new += 1

@@ -1028,3 +1028,34 @@ def test_spot_tables_keep_the_intensity_of_float_images_in_any_unit(
     np.testing.assert_allclose(read_spots(tmp_path / "o" / "f.csv"), spots.coords, atol=1e-4)
     rc, out, _ = _run(capsys, "evaluate", tmp_path / "o" / "f.csv", tmp_path / "o" / "f.csv")
     assert rc == 0 and " 1.000 " in out
+
+
+@pytest.mark.parametrize("change", ["other_image", "same_size"])
+def test_resume_counts_again_an_image_whose_file_changed(tmp_path, spotty_model, capsys, change):
+    images = _images(tmp_path / "in", 95, n=3)
+    out = tmp_path / "out"
+    argv = ["count", tmp_path / "in", "-o", out, "--model", spotty_model]
+    assert _run(capsys, *argv)[0] == 0
+    first = {p: (out / "spots" / f"{p.stem}.csv").read_text() for p in images}
+    st = images[1].stat()
+    if change == "other_image":  # another image saved under the same name
+        tifffile.imwrite(images[1], _image(99, (36, 44)))
+    else:  # the same bytes' size, other pixels, a later modification time
+        data = tifffile.imread(images[1])
+        tifffile.imwrite(images[1], data[::-1].copy())
+        os.utime(images[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0, err
+    assert "all 3 image(s) already done" not in err
+    assert f"INFO: {images[1]}: the file changed since its results were written" in err
+    assert "resuming the run" in err and "2 of 3 image(s) already done" in err
+    rows = _table(out / "summary.csv")[1]
+    assert [Path(r["image"]).name for r in rows] == ["i0.tif", "i1.tif", "i2.tif"]
+    if change == "other_image":
+        assert (rows[1]["height"], rows[1]["width"]) == ("36", "44")
+    assert (out / "spots" / "i1.csv").read_text() != first[images[1]]
+    for p in (images[0], images[2]):
+        assert (out / "spots" / f"{p.stem}.csv").read_text() == first[p]
+    # Once counted again, the run is finished.
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0 and "all 3 image(s) already done" in err
