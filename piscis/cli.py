@@ -76,11 +76,14 @@ def _not_regular(path: Path) -> str:
     return "not a regular file (a pipe, socket or device)"
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+def expand_inputs(
+    inputs: list[str], empty: list[str] | None = None
+) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files, folders (their image files, not recursive) and glob patterns.
 
     Returns (images, failures); a path that does not exist is a failure.
-    Non-image files in a folder are skipped with an info message.
+    Non-image files in a folder are skipped with an info message. A folder without
+    images is a warning, or, given ``empty``, its message is appended there instead.
     """
     images: list[Path] = []
     failures: list[tuple[str, str]] = []
@@ -108,7 +111,11 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
                 elif is_image_name(f):
                     logger.info("%s: %s, skipped", f, _not_regular(f))
             if not found:
-                logger.warning("%s: no image files (.tif, .tiff, .png) in this folder", p)
+                note = _empty_folder(p)
+                if empty is None:
+                    logger.warning("%s", note)
+                else:
+                    empty.append(note)
             images.extend(found)
         elif p.is_file():
             images.append(p)
@@ -129,6 +136,21 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
             seen.add(key)
             unique.append(f)
     return unique, failures
+
+
+def _empty_folder(folder: Path) -> str:
+    """Why a folder gives no image: none in it, or only in its sub-folders (folders
+    are not searched recursively)."""
+    from .lazy import is_zarr
+
+    subs = [f for f in folder.iterdir() if f.is_dir() and not is_zarr(f)]
+    if subs:
+        return (
+            f"{folder}: no image files (.tif, .tiff, .png) in this folder, only {len(subs)} "
+            "sub-folder(s), which are not searched (folders are not read recursively): "
+            f"give the sub-folders, or a pattern such as '{folder / '*' / '*.tif'}'"
+        )
+    return f"{folder}: no image files (.tif, .tiff, .png) in this folder"
 
 
 def output_names(images: list[Path]) -> dict[Path, str]:
@@ -425,7 +447,18 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     if problem:
         logger.error("%s", problem)
         return 2
-    images, failures = expand_inputs(args.inputs)
+    empty: list[str] = []
+    images, failures = expand_inputs(args.inputs, empty)
+    if not images:
+        # Nothing to run (README: exit 2): one line with every input's reason, and no
+        # output folder or empty summary is made.
+        reasons = empty + [
+            why if why.startswith(item) else f"{item}: {why}" for item, why in failures
+        ]
+        logger.error("no image in the input(s) given, nothing was run: %s", "; ".join(reasons))
+        return 2
+    for note in empty:
+        logger.warning("%s", note)
     masks: dict[str, dict] = {}
     for kind in ("cells", "nuclei"):
         spec = getattr(args, kind, None)
@@ -441,6 +474,9 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     for f in [f for f in images if f.resolve() in used]:
         logger.info("%s: used as a mask, not counted as an image", f)
     images = [f for f in images if f.resolve() not in used]
+    if not images:
+        logger.error("no image left to count: every input image is a --cells/--nuclei mask")
+        return 2
     cells_mode = args.cells_mode
     save_masks = cells_mode and getattr(args, "save_masks", False)
     out_dir = summary_path.parent if summary_path is not None else spots_dir

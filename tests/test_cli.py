@@ -1059,3 +1059,32 @@ def test_resume_counts_again_an_image_whose_file_changed(tmp_path, spotty_model,
     # Once counted again, the run is finished.
     rc, _, err = _run(capsys, *argv)
     assert rc == 0 and "all 3 image(s) already done" in err
+
+
+@pytest.mark.parametrize("inputs", ["empty", "subfolders", "nomatch", "empty+nomatch"])
+def test_inputs_without_any_image_are_one_line_and_exit_2(tmp_path, tiny_model, capsys, inputs):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "notes.txt").write_text("no images here\n")
+    if inputs == "subfolders":
+        for sub in ("day1", "day2"):
+            _images(d / sub, 50)
+    argv = {
+        "empty": [d],
+        "subfolders": [d],
+        "nomatch": [tmp_path / "nothing*.tif"],
+        "empty+nomatch": [d, tmp_path / "nothing*.tif"],
+    }[inputs]
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", *argv, "-o", out, "--model", tiny_model)
+    assert rc == 2
+    lines = [line for line in err.splitlines() if not line.startswith("INFO")]
+    assert len(lines) == 1 and lines[0].startswith("ERROR: no image in the input(s) given"), err
+    if inputs != "nomatch":
+        assert f"{d}: no image files" in lines[0]
+    if "nomatch" in inputs:
+        assert "nothing*.tif: no file matches this pattern" in lines[0]
+    if inputs == "subfolders":
+        assert "only 2 sub-folder(s), which are not searched" in lines[0]
+        assert str(d / "*" / "*.tif") in lines[0]
+    assert not out.exists()  # no header-only summary.csv
