@@ -480,7 +480,9 @@ class _TileBar:
 
 def local_cluster(n_workers: int | None = None, **kwargs):
     """A dask.distributed LocalCluster as piscis runs one: ``n_workers`` processes of
-    one thread each, bound to 127.0.0.1, without a dashboard.
+    one thread each, bound to 127.0.0.1, without a dashboard: neither the scheduler nor
+    the workers open an HTTP port (:mod:`piscis._cluster`; dask's own classes open one
+    even with ``dashboard_address=None``), unless ``dashboard_address`` is given.
 
     Dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``; fixing that
     glibc setting also fixes its mmap threshold, so that every array over 128 kB is
@@ -488,19 +490,31 @@ def local_cluster(n_workers: int | None = None, **kwargs):
     (measured: 30 images of 1024 x 1024, 36.1 s against 28.7 s). The workers here get
     glibc's own adaptive thresholds.
     """
+    import functools
+
     import dask
-    from distributed import LocalCluster
+    from distributed import LocalCluster, Nanny
+
+    from ._cluster import QuietCluster, QuietWorker
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the workers inherit it
-    options = dict(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
+    options = (
+        dict(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        )
+        | kwargs
     )
+    cls = LocalCluster
+    if options["dashboard_address"] is None:
+        cls = QuietCluster
+        quiet = functools.partial(Nanny, worker_class=QuietWorker)
+        options.setdefault("worker_class", quiet if options["processes"] else QuietWorker)
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        return LocalCluster(**(options | kwargs))
+        return cls(**options)
 
 
 def require_dask() -> None:
