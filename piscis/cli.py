@@ -1004,7 +1004,7 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--channel",
-        type=int,
+        type=_channel_arg,
         default=None,
         help="channel of the spots in multi-channel images (0-based; default: every "
         "channel separately, with a c column)",
@@ -1096,6 +1096,22 @@ def _tile_size_arg(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from None
 
 
+def _channel_arg(text: str) -> int:
+    """A channel number, 0-based; a negative one is refused (as a Python index, -1 would
+    silently be the last channel)."""
+    try:
+        n = int(text)
+    except ValueError:
+        msg = f"expected a channel number, 0 or more, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(
+            f"channels are numbered from 0 (the first), got {text!r}; negative numbers are "
+            "not taken"
+        )
+    return n
+
+
 def _min_planes_arg(text: str) -> int:
     try:
         n = int(text)
@@ -1168,14 +1184,14 @@ def _cell_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--nuclei-channel",
-        type=int,
+        type=_channel_arg,
         metavar="N",
         default=None,
         help="segment nuclei in channel N (e.g. DAPI) of each image",
     )
     g.add_argument(
         "--cytoplasm-channel",
-        type=int,
+        type=_channel_arg,
         metavar="N",
         default=None,
         help="cells by a watershed on channel N, seeded by the nuclei",
@@ -1279,7 +1295,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of each batch drawn from the synthetic generator (default 0.3)",
     )
     p.add_argument(
-        "--channel", type=int, default=None, help="channel of multi-channel training images"
+        "--channel",
+        type=_channel_arg,
+        default=None,
+        help="channel of multi-channel training images (0-based)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=int, default=1, help="processes drawing training crops")

@@ -1088,3 +1088,27 @@ def test_inputs_without_any_image_are_one_line_and_exit_2(tmp_path, tiny_model, 
         assert "only 2 sub-folder(s), which are not searched" in lines[0]
         assert str(d / "*" / "*.tif") in lines[0]
     assert not out.exists()  # no header-only summary.csv
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["count", "--channel", "-1"],
+        ["detect", "--channel", "-2"],
+        ["count", "--channel", "0", "--nuclei-channel", "-1"],
+        ["count", "--channel", "0", "--nuclei-channel", "1", "--cytoplasm-channel", "-1"],
+        ["train", "--channel", "-1"],
+    ],
+)
+def test_negative_channel_numbers_are_refused_when_the_options_are_read(tmp_path, capsys, argv):
+    img = tmp_path / "rgb.tif"
+    tifffile.imwrite(img, np.stack([_image(k) for k in range(3)], -1), photometric="rgb")
+    command, *options = argv
+    where = [tmp_path] if command == "train" else [img]
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, *map(str, where), "-o", str(tmp_path / "o"), *options])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    option = options[-2]
+    assert f"argument {option}: channels are numbered from 0 (the first), got '-" in err
+    assert not (tmp_path / "o").exists()
