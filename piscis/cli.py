@@ -7,8 +7,10 @@ Only this module configures logging handlers; the library logs through
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -625,7 +627,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
         initial=len(rows),
         desc="images",
         unit="image",
-        disable=args.quiet or len(images) < 2,
+        disable=not _progress_bars(args) or len(images) < 2,
     )
     failed: dict[int, tuple[str, str]] = {}
     client = None
@@ -639,7 +641,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
         logger.info("running on the Dask cluster %s", client.scheduler.address)
         results = batch.run_dask(jobs, opts, client)
     else:
-        results = batch.run_serial(jobs, opts, show_tiles=not args.quiet)
+        results = batch.run_serial(jobs, opts, show_tiles=_progress_bars(args))
     try:
         for result in results:
             path = Path(result.path)
@@ -745,7 +747,10 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     bar = tqdm(
-        total=cfg.epochs * cfg.steps_per_epoch, desc="training", unit="step", disable=args.quiet
+        total=cfg.epochs * cfg.steps_per_epoch,
+        desc="training",
+        unit="step",
+        disable=not _progress_bars(args),
     )
 
     def progress(info):
@@ -1335,10 +1340,40 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _in_output(e: OSError, args) -> bool:
+    """Whether the file of an error is an output: in the output folder (``-o``) or
+    beside it (the folder itself, a model's temporary folder), not an input."""
+    out = getattr(args, "output", None)
+    if not e.filename or out is None:
+        return False
+    path, out = Path(os.fsdecode(e.filename)).absolute(), Path(out).absolute()
+    return path == out or path.is_relative_to(out) or path.parent == out.parent
+
+
+def _progress_bars(args) -> bool:
+    """Progress bars only on a terminal: in a file (``2> log.txt``) or a pipe they are
+    lines of carriage returns that log lines glue to. ``-q`` hides them too."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return not args.quiet and bool(isatty and isatty())
+
+
+class _LogHandler(logging.StreamHandler):
+    """Log lines through tqdm.write: on a terminal a line goes above the progress bar,
+    never glued to it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001  (logging must not raise)
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root = logging.getLogger("piscis")
     root.handlers[:] = [handler]
@@ -1361,6 +1396,15 @@ def main(argv: list[str] | None = None) -> int:
             what = "a file is in the way of an output folder (give another -o)"
         elif isinstance(e, IsADirectoryError):
             what = "a folder is in the way of an output file"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and _in_output(e, args):
+            # Creating a file (a lock, a temporary file) in the folder failed: name the
+            # folder, not a temporary file's name the user never chose.
+            folder = Path(e.filename).parent
+            where = f"{folder}: "
+            what = (
+                f"this folder is not writable ({what}); make it writable or choose another "
+                "output folder (-o)"
+            )
         logger.error("%s%s; outputs finished before this are complete", where, what)
         return 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -166,17 +167,7 @@ def read_spots(
     in y and x: subtract 1 first.
     """
     path = Path(path)
-    try:
-        # utf-8-sig: spreadsheet exports start with a byte-order mark; text columns in
-        # another encoding must not stop the coordinates from being read.
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f)
-            rows = [(reader.line_num, r) for r in reader]
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
-    except csv.Error as e:
-        raise InputError(f"{path}: not a CSV table ({e})") from None
-    rows = [(n, r) for n, r in rows if r and any(c.strip() for c in r)]
+    rows, delimiter, how = csv_rows(path)
     if not rows:
         raise InputError(f"{path}: empty file, expected a header such as 'y,x'")
     header = [c.strip().lower() for c in rows[0][1]]
@@ -184,13 +175,13 @@ def read_spots(
         given = [str(c).strip().lower() for c in columns]
         if "y" not in given or "x" not in given:
             raise InputError(f"{path}: columns {list(columns)} must name 'y' and 'x'")
-        if not _is_number(rows[0][1][0].strip()):
+        if not _is_number(rows[0][1][0].strip(), delimiter):
             # The file has a header after all: the given names may only agree with it.
             _check_given_columns(path, header, given, zyx)
             rows = rows[1:]
         header = given
         rows = [(0, header), *rows]
-    elif _is_number(header[0]):
+    elif _is_number(header[0], delimiter):
         raise InputError(
             f"{path}: no header row; the first line must name the columns, e.g. 'y,x' "
             "(or give the column names: --columns y,x / read_spots(columns=...))"
@@ -198,8 +189,8 @@ def read_spots(
     where = _coordinate_columns(header, zyx)
     if where is None:
         raise InputError(
-            f"{path}: columns {header} hold no coordinates; "
-            "expected 'y,x' or napari's 'axis-0,axis-1'"
+            f"{path}: columns {header} hold no coordinates (read as {how}); expected 'y,x' "
+            "or napari's 'axis-0,axis-1', comma-separated (or ';' or tab), UTF-8 or UTF-16"
         )
     if "class" in header:
         logger.info("%s: column 'class' ignored (every row is read as a spot)", path)
@@ -207,9 +198,11 @@ def read_spots(
     out = []
     for k, r in rows[1:]:
         try:
-            out.append(tuple(float(r[i]) for i in idx))
+            out.append(tuple(csv_number(r[i], delimiter) for i in idx))
         except (ValueError, IndexError):
-            raise InputError(f"{path}: line {k} is not numeric: {','.join(r)!r}") from None
+            raise InputError(
+                f"{path}: line {k} is not numeric: {','.join(r)!r} (read as {how})"
+            ) from None
     coords = np.asarray(out, dtype=np.float64).reshape(-1, len(idx))
     if not np.all(np.isfinite(coords)):
         raise InputError(f"{path}: non-finite coordinates")
@@ -218,6 +211,61 @@ def read_spots(
     if merge_distance > 0 and len(coords) > 1:
         coords = _merge_close(coords, merge_distance, path)
     return coords
+
+
+# Delimiters other than the comma, tried first: a file whose lines all split into the
+# same number (> 1) of fields on one of them uses it (a spreadsheet's ';' export, whose
+# numbers may have a decimal comma, or a tab-separated table).
+_OTHER_DELIMITERS = ("\t", ";")
+
+
+def csv_rows(path) -> tuple[list[tuple[int, list[str]]], str, str]:
+    """The non-empty rows of a CSV (with their line numbers), its delimiter and how it
+    was read, in words (``"UTF-8, ',' delimiter"``): UTF-16 (with a byte-order mark, or
+    without one when every other byte is NUL) and UTF-8 (a byte-order mark dropped;
+    other bytes of text columns replaced), delimited by a comma, a semicolon or a tab
+    (detected)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        encoding, label = "utf-16", "UTF-16"
+    elif len(raw) >= 4 and raw[1::2].count(0) > 0.4 * len(raw) / 2:
+        encoding, label = "utf-16-le", "UTF-16"  # Windows' 'Unicode' without a mark
+    elif len(raw) >= 4 and raw[0::2].count(0) > 0.4 * len(raw) / 2:
+        encoding, label = "utf-16-be", "UTF-16"
+    else:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark; text columns in
+        # another encoding must not stop the coordinates from being read.
+        encoding, label = "utf-8-sig", "UTF-8"
+    text = raw.decode(encoding, errors="replace").lstrip("\ufeff")
+    lines = [line for line in text.splitlines() if line.strip()][:20]
+    delimiter = ","
+    for d in _OTHER_DELIMITERS:
+        counts = {len(r) for r in csv.reader(lines, delimiter=d)}
+        if len(counts) == 1 and counts.pop() > 1:
+            delimiter = d
+            break
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        rows = [(reader.line_num, r) for r in reader]
+    except csv.Error as e:
+        raise InputError(f"{path}: not a CSV table ({e})") from None
+    rows = [(n, r) for n, r in rows if r and any(c.strip() for c in r)]
+    how = f"{label}, {'tab' if delimiter == chr(9) else repr(delimiter)} delimiter"
+    return rows, delimiter, how
+
+
+def csv_number(cell: str, delimiter: str) -> float:
+    """A cell as a number; with ';' or tab delimiters a decimal comma too (1,5)."""
+    try:
+        return float(cell)
+    except ValueError:
+        if delimiter == "," or cell.count(",") != 1:
+            raise
+        return float(cell.replace(",", "."))
 
 
 def _coordinate_columns(header: list[str], zyx: bool) -> dict[str, int] | None:
@@ -288,9 +336,9 @@ def _merge_close(coords: np.ndarray, distance: float, path) -> np.ndarray:
     return merged
 
 
-def _is_number(s: str) -> bool:
+def _is_number(s: str, delimiter: str = ",") -> bool:
     try:
-        float(s)
+        csv_number(s, delimiter)
     except ValueError:
         return False
     return True
@@ -488,7 +536,8 @@ def resolve_axes(
     else:
         letters = (file_axes or "").upper()
         source = raw.source if raw is not None else "metadata"
-        if len(letters) != data.ndim:
+        if len(letters) != data.ndim or len(set(letters)) != len(letters):
+            # tifffile labels a plain (1, 1, 1) TIFF 'XYX': a repeated letter names nothing.
             letters = ""
         if not letters:
             letters = "YX" if data.ndim == 2 else "Q" * (data.ndim - 2) + "YX"
@@ -614,10 +663,17 @@ def _warn_mislabelled(shape, letters: str, name: str, source: str) -> None:
 
 
 def _split(
-    stack: Stack, channel, project: bool, voxel_size, every_channel: bool, option="--channel"
+    stack: Stack,
+    channel,
+    project: bool,
+    voxel_size,
+    every_channel: bool,
+    option="--channel",
+    pick: str = "choose one with --channel N (channel=N in Python)",
 ):
     """One ImageData per time point and channel of a resolved stack; ``option`` names
-    ``channel`` in messages (the option the user gave it with)."""
+    ``channel`` in messages (the option the user gave it with), and ``pick`` says what
+    to do when one channel is needed and none was given."""
     name, data, axes = stack.name, stack.data, stack.axes
     notes: list[str] = []
     index_c: list[int | None] = [None]
@@ -646,9 +702,7 @@ def _split(
                 index_c = list(range(n_keep))
             else:
                 raise InputError(
-                    f"{name}: {n_c} different channels (shape {data.shape}, axes {axes}); "
-                    "choose one with --channel N (without it the CLI detects every channel "
-                    "separately)"
+                    f"{name}: {n_c} different channels (shape {data.shape}, axes {axes}); {pick}"
                 )
     elif channel not in (None, 0):
         raise InputError(
@@ -771,9 +825,13 @@ def read_channels(
         )
     planes: dict = {}
     options = ["--channel"] * len(channels) if options is None else list(options)
+    others = " and ".join(dict.fromkeys(o for o in options if o != "--channel"))
+    # Reading channels by number, every one is read so: the spot channel too.
+    pick = f"pass the spot channel with --channel N (needed with {others})" if others else None
     for c, option in zip(channels, options):
         if c not in planes:
-            planes[c] = _split(stack, c, project, voxel_size, False, option)[0][1]
+            extra = {"pick": pick} if pick else {}
+            planes[c] = _split(stack, c, project, voxel_size, False, option, **extra)[0][1]
     return [planes[c] for c in channels]
 
 

@@ -1112,3 +1112,58 @@ def test_negative_channel_numbers_are_refused_when_the_options_are_read(tmp_path
     option = options[-2]
     assert f"argument {option}: channels are numbered from 0 (the first), got '-" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_that_is_not_writable_is_named_not_a_temporary_file(
+    tmp_path, tiny_model, capsys, monkeypatch
+):
+    import errno
+    import tempfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mkstemp = tempfile.mkstemp
+
+    def refused(*a, dir=None, **kw):  # what a read-only (immutable) folder answers
+        if Path(dir) == out:
+            name = os.path.join(dir, f"{kw.get('prefix', '')}zpq7434g{kw.get('suffix', '')}")
+            raise PermissionError(errno.EPERM, "Operation not permitted", name)
+        return mkstemp(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    rc, _, err = _run(capsys, "count", _images(tmp_path / "in", 60, 1)[0], "-o", out,
+                      "--model", tiny_model)  # fmt: skip
+    assert rc == 1
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert errors == [
+        f"ERROR: {out}: this folder is not writable (Operation not permitted); make it "
+        "writable or choose another output folder (-o); outputs finished before this are "
+        "complete"
+    ]
+    assert ".tmp" not in err
+
+
+def test_a_missing_spot_channel_says_what_this_command_needs(tmp_path, tiny_model, capsys):
+    rgb = np.stack([_image(k, (40, 40)) for k in range(3)], -1).astype(np.uint8)
+    data = tmp_path / "data"
+    data.mkdir()
+    tifffile.imwrite(data / "rgb.tif", rgb, photometric="rgb")
+    (data / "rgb.csv").write_text("y,x\n10,12\n")
+    rc, _, err = _run(capsys, "count", data / "rgb.tif", "-o", tmp_path / "o",
+                      "--model", tiny_model, "--nuclei-channel", "1")  # fmt: skip
+    assert rc == 1
+    assert "3 different channels" in err
+    assert "pass the spot channel with --channel N (needed with --nuclei-channel)" in err
+    rc, _, err = _run(capsys, "train", data, "-o", tmp_path / "m", "--epochs", "1")
+    assert rc == 2 and "3 different channels" in err and "choose one with --channel N" in err
+    # Neither says the CLI would detect every channel: these two do not.
+    assert "every channel separately" not in err
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, tiny_model, capsys):
+    images = _images(tmp_path / "in", 61, 3)
+    rc, _, err = _run(capsys, "count", *images, "-o", tmp_path / "o", "--model", tiny_model)
+    assert rc == 0
+    assert "\r" not in err and "images:" not in err
+    lines = err.splitlines()
+    assert lines and all(line.split(":")[0] in ("INFO", "WARNING") for line in lines), err
