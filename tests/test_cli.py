@@ -1160,10 +1160,17 @@ def test_a_missing_spot_channel_says_what_this_command_needs(tmp_path, tiny_mode
     assert "every channel separately" not in err
 
 
-def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, tiny_model, capsys):
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, tiny_model, capsys, monkeypatch):
     images = _images(tmp_path / "in", 61, 3)
-    rc, _, err = _run(capsys, "count", *images, "-o", tmp_path / "o", "--model", tiny_model)
+    tifffile.imwrite(images[0], _image(62, (600, 600)))  # streamed in tiles, below
+    monkeypatch.setenv("PISCIS_STREAM_PIXELS", "1024")
+    argv = ["count", *images, "-o", tmp_path / "o", "--model", tiny_model, "--tile-size", 256]
+    rc, _, err = _run(capsys, *argv)
     assert rc == 0
-    assert "\r" not in err and "images:" not in err
+    assert "\r" not in err and "images:" not in err and "tiles:" not in err
     lines = err.splitlines()
     assert lines and all(line.split(":")[0] in ("INFO", "WARNING") for line in lines), err
+    # On a terminal: the bars of the images and of a streamed image's tiles.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc, _, err = _run(capsys, *argv, "--overwrite")
+    assert rc == 0 and "images:" in err and "tiles:" in err
