@@ -174,12 +174,12 @@ def read_spot_table(path) -> SpotTable:
     messages). ``score``, ``intensity`` and ``cell_id`` are always among the
     features (NaN where the file has none). Text columns are dropped.
     """
-    from .io import read_spots
+    from .io import csv_rows, read_spots
 
     path = Path(path)
     coords = read_spots(path)
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    numbered, delimiter, _ = csv_rows(path)  # as read_spots reads it (delimiter, encoding)
+    rows = [r for _, r in numbered]
     header = [c.strip() for c in rows[0]]
     lower = [h.lower() for h in header]
     body = rows[1:]
@@ -191,7 +191,7 @@ def read_spot_table(path) -> SpotTable:
         z = np.array([float(r[iz]) for r in body]).reshape(-1, 1)
         coords = np.hstack([z, coords])
     elif "z" in lower:
-        z = _column(body, lower.index("z"))
+        z = _column(body, lower.index("z"), delimiter)
         if z is not None and np.all(np.isfinite(z)):
             coords = np.hstack([z.reshape(-1, 1), coords])
     used = set(axes) | {"index", *_COORD_NAMES}
@@ -200,7 +200,7 @@ def read_spot_table(path) -> SpotTable:
     for i, (name, low) in enumerate(zip(header, lower)):
         if low in used or not name:
             continue
-        values = _column(body, i)
+        values = _column(body, i, delimiter)
         if values is None:
             continue  # text
         if low in TRANSFORM_COLUMNS:
@@ -219,8 +219,11 @@ def read_spot_table(path) -> SpotTable:
     return SpotTable(coords, features, scale, translate)
 
 
-def _column(rows, i) -> np.ndarray | None:
-    """A numeric column (empty cells: NaN), or None when it holds text."""
+def _column(rows, i, delimiter: str = ",") -> np.ndarray | None:
+    """A numeric column (empty cells: NaN), or None when it holds text; with a ';' or
+    tab ``delimiter`` decimal commas are numbers too."""
+    from .io import csv_number
+
     out = np.full(len(rows), np.nan)
     for k, r in enumerate(rows):
         cell = r[i].strip() if i < len(r) else ""
@@ -230,7 +233,7 @@ def _column(rows, i) -> np.ndarray | None:
             out[k] = float(cell.lower() == "true")
             continue
         try:
-            out[k] = float(cell)
+            out[k] = csv_number(cell, delimiter)
         except ValueError:
             return None
     return out

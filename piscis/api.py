@@ -80,6 +80,7 @@ def count_spots(
     expand: float = 15,
     tile_size: int | None = None,
     min_snr: float | None = None,
+    min_planes: int | None = None,
     spacing=None,
     name: str = "image",
     return_masks: bool = False,
@@ -103,7 +104,9 @@ def count_spots(
     ----------
     image : (Y, X) or (Z, Y, X) array
         The spot channel. A volume may be any array-like with ``.shape``, ``.dtype``
-        and ``image[z]`` (zarr, memmap); it is read plane by plane.
+        and ``image[z]`` (zarr, memmap); it is read plane by plane. A (Y, X, C) colour
+        array (last axis 1 to 4 long, the others longer than 16) is refused: pass
+        ``image[..., c]``.
     cells, nuclei : int arrays, optional
         Label images: (Y, X) of the image's (Y, X) shape (for a volume, applied to
         every plane), or (Z, Y, X) of a volume's shape; refused, with both shapes,
@@ -128,6 +131,9 @@ def count_spots(
         Tile size of the detector (default its own).
     min_snr : float, optional
         Significance floor of the detector (default the model's own).
+    min_planes : int, optional
+        For a volume: planes a spot must be seen in (default the detector's, 2; 1 for
+        fewer than 3 planes); ignored for a 2D image.
     spacing : tuple, optional
         Voxel size (z, y, x) in micrometres of a volume (``ImageData.spacing``), for the
         detector's ``fwhm_*_um`` columns.
@@ -176,6 +182,9 @@ def count_spots(
             f"{name}: count_spots takes a 2D (Y, X) image or a 3D (Z, Y, X) volume, "
             f"got shape {tuple(image.shape)}"
         )
+    from .detect3d import check_not_channels_last
+
+    check_not_channels_last(image.shape, name)  # before any segmentation
     if nuclei is not None and nuclear_image is not None:
         raise ValueError(f"{name}: give nuclei or nuclear_image, not both")
     if cells is not None and cytoplasm_image is not None:
@@ -206,6 +215,8 @@ def count_spots(
         options["roi"] = roi
     if len(shape) == 3 and spacing is not None:
         options["spacing"] = spacing
+    if len(shape) == 3 and min_planes is not None:
+        options["min_planes"] = min_planes
     spots = detect(
         image, model=model, threshold=threshold, scale=scale, name=name, min_snr=min_snr, **options
     )

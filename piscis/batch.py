@@ -63,6 +63,7 @@ RECORD_OPTIONS = (
     "scale",
     "tile_size",
     "min_snr",
+    "min_planes",
     "channel",
     "axes",
     "project",
@@ -363,6 +364,7 @@ def _run_image(job: Job, opts, split: bool, progress) -> Result | Plan:
             name=str(path),
             progress=progress,
             spacing=tuple(voxel) if voxel is not None and len(voxel) == 3 else None,
+            min_planes=getattr(opts, "min_planes", None),
         )
         return _spots_result(job, opts, spots, volume.shape)
     if plane is not None:
@@ -478,7 +480,9 @@ class _TileBar:
 
 def local_cluster(n_workers: int | None = None, **kwargs):
     """A dask.distributed LocalCluster as piscis runs one: ``n_workers`` processes of
-    one thread each, bound to 127.0.0.1, without a dashboard.
+    one thread each, bound to 127.0.0.1, without a dashboard: neither the scheduler nor
+    the workers open an HTTP port (:mod:`piscis._cluster`; dask's own classes open one
+    even with ``dashboard_address=None``), unless ``dashboard_address`` is given.
 
     Dask's nanny starts its workers with ``MALLOC_TRIM_THRESHOLD_=65536``; fixing that
     glibc setting also fixes its mmap threshold, so that every array over 128 kB is
@@ -486,19 +490,31 @@ def local_cluster(n_workers: int | None = None, **kwargs):
     (measured: 30 images of 1024 x 1024, 36.1 s against 28.7 s). The workers here get
     glibc's own adaptive thresholds.
     """
+    import functools
+
     import dask
-    from distributed import LocalCluster
+    from distributed import LocalCluster, Nanny
+
+    from ._cluster import QuietCluster, QuietWorker
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the workers inherit it
-    options = dict(
-        n_workers=n_workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
+    options = (
+        dict(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+        )
+        | kwargs
     )
+    cls = LocalCluster
+    if options["dashboard_address"] is None:
+        cls = QuietCluster
+        quiet = functools.partial(Nanny, worker_class=QuietWorker)
+        options.setdefault("worker_class", quiet if options["processes"] else QuietWorker)
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        return LocalCluster(**(options | kwargs))
+        return cls(**options)
 
 
 def require_dask() -> None:
@@ -722,12 +738,30 @@ class RunState:
         self.reset()
         return removed
 
-    def done(self, name: str, target: Path) -> dict | None:
-        """The record of an image whose outputs are all there, else None."""
+    def done(self, name: str, target: Path, image: Path | None = None) -> dict | None:
+        """The record of an image whose outputs are all there and whose file (``image``)
+        has the size and modification time recorded when it was read, else None."""
         for rec in reversed(self._read()[1:]):
             if rec.get("name") == name:
                 files = [target, *(self.path.parent / f for f in rec.get("files", []))]
-                return rec if all(f.exists() for f in files) else None
+                if not all(f.exists() for f in files):
+                    return None
+                was, now = rec.get("stamp"), file_stamp(image) if image is not None else None
+                if was is not None and was != now:
+                    now = now or {}
+                    what = [
+                        f"size {was.get('size')} -> {now.get('size')} bytes"
+                        if was.get("size") != now.get("size")
+                        else "",
+                        "modified" if was.get("mtime_ns") != now.get("mtime_ns") else "",
+                    ]
+                    logger.info(
+                        "%s: the file changed since its results were written (%s); counted again",
+                        image,
+                        ", ".join(w for w in what if w),
+                    )
+                    return None
+                return rec
         return None
 
     def start(self, record: dict, keep: bool) -> None:
@@ -738,19 +772,32 @@ class RunState:
         self._lines = lines
         atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in lines))
 
-    def finish(self, result: Result, files: list[Path]) -> None:
+    def finish(self, result: Result, files: list[Path], stamp: dict | None = None) -> None:
+        """Record a finished image: its rows, output files and the :func:`file_stamp`
+        of its file as it was read (a file replaced since is counted again)."""
         rec = {
             "name": result.name,
             "rows": result.rows,
             "cell_rows": result.cell_rows,
             "n_spots": result.n_spots,
             "files": [Path(os.path.relpath(f, self.path.parent)).as_posix() for f in files],
+            "stamp": stamp,
         }
         with open(self.path, "a", newline="") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self._read().append(rec)
+
+
+def file_stamp(path: Path) -> dict | None:
+    """An image file's size and modification time (ns), as the run record keeps them
+    (for a Zarr folder, the folder's own); None when it cannot be read."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
 def run_record(command: str, args, images: list[Path], model_path: str) -> dict:

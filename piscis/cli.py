@@ -7,8 +7,10 @@ Only this module configures logging handlers; the library logs through
 from __future__ import annotations
 
 import argparse
+import errno
 import glob
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,11 +78,14 @@ def _not_regular(path: Path) -> str:
     return "not a regular file (a pipe, socket or device)"
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+def expand_inputs(
+    inputs: list[str], empty: list[str] | None = None
+) -> tuple[list[Path], list[tuple[str, str]]]:
     """Files, folders (their image files, not recursive) and glob patterns.
 
     Returns (images, failures); a path that does not exist is a failure.
-    Non-image files in a folder are skipped with an info message.
+    Non-image files in a folder are skipped with an info message. A folder without
+    images is a warning, or, given ``empty``, its message is appended there instead.
     """
     images: list[Path] = []
     failures: list[tuple[str, str]] = []
@@ -108,7 +113,11 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
                 elif is_image_name(f):
                     logger.info("%s: %s, skipped", f, _not_regular(f))
             if not found:
-                logger.warning("%s: no image files (.tif, .tiff, .png) in this folder", p)
+                note = _empty_folder(p)
+                if empty is None:
+                    logger.warning("%s", note)
+                else:
+                    empty.append(note)
             images.extend(found)
         elif p.is_file():
             images.append(p)
@@ -129,6 +138,21 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
             seen.add(key)
             unique.append(f)
     return unique, failures
+
+
+def _empty_folder(folder: Path) -> str:
+    """Why a folder gives no image: none in it, or only in its sub-folders (folders
+    are not searched recursively)."""
+    from .lazy import is_zarr
+
+    subs = [f for f in folder.iterdir() if f.is_dir() and not is_zarr(f)]
+    if subs:
+        return (
+            f"{folder}: no image files (.tif, .tiff, .png) in this folder, only {len(subs)} "
+            "sub-folder(s), which are not searched (folders are not read recursively): "
+            f"give the sub-folders, or a pattern such as '{folder / '*' / '*.tif'}'"
+        )
+    return f"{folder}: no image files (.tif, .tiff, .png) in this folder"
 
 
 def output_names(images: list[Path]) -> dict[Path, str]:
@@ -231,6 +255,7 @@ def _count_one(path: Path, args, model, masks: dict) -> list[_Plane]:
             scale=args.scale,
             tile_size=args.tile_size,
             min_snr=args.min_snr,
+            min_planes=getattr(args, "min_planes", None),
             spacing=plane.spacing,
             name=f"{path}{where}",
             return_masks=True,
@@ -424,7 +449,18 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     if problem:
         logger.error("%s", problem)
         return 2
-    images, failures = expand_inputs(args.inputs)
+    empty: list[str] = []
+    images, failures = expand_inputs(args.inputs, empty)
+    if not images:
+        # Nothing to run (README: exit 2): one line with every input's reason, and no
+        # output folder or empty summary is made.
+        reasons = empty + [
+            why if why.startswith(item) else f"{item}: {why}" for item, why in failures
+        ]
+        logger.error("no image in the input(s) given, nothing was run: %s", "; ".join(reasons))
+        return 2
+    for note in empty:
+        logger.warning("%s", note)
     masks: dict[str, dict] = {}
     for kind in ("cells", "nuclei"):
         spec = getattr(args, kind, None)
@@ -440,6 +476,9 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     for f in [f for f in images if f.resolve() in used]:
         logger.info("%s: used as a mask, not counted as an image", f)
     images = [f for f in images if f.resolve() not in used]
+    if not images:
+        logger.error("no image left to count: every input image is a --cells/--nuclei mask")
+        return 2
     cells_mode = args.cells_mode
     save_masks = cells_mode and getattr(args, "save_masks", False)
     out_dir = summary_path.parent if summary_path is not None else spots_dir
@@ -533,8 +572,11 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     rows: dict[int, list[dict]] = {}
     cell_rows: dict[int, list[dict]] = {}
     jobs = []
+    # Each image's size and modification time before it is read: recorded with its
+    # results, so that a file replaced after that is counted again on resuming.
+    stamps = {path: batch.file_stamp(path) for path in images}
     for i, path in enumerate(images):
-        done = state.done(names[path], targets[path]) if resume else None
+        done = state.done(names[path], targets[path], path) if resume else None
         if done is not None:
             rows[i], cell_rows[i] = done["rows"], done["cell_rows"]
             continue
@@ -585,7 +627,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
         initial=len(rows),
         desc="images",
         unit="image",
-        disable=args.quiet or len(images) < 2,
+        disable=not _progress_bars(args) or len(images) < 2,
     )
     failed: dict[int, tuple[str, str]] = {}
     client = None
@@ -599,7 +641,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
         logger.info("running on the Dask cluster %s", client.scheduler.address)
         results = batch.run_dask(jobs, opts, client)
     else:
-        results = batch.run_serial(jobs, opts, show_tiles=not args.quiet)
+        results = batch.run_serial(jobs, opts, show_tiles=_progress_bars(args))
     try:
         for result in results:
             path = Path(result.path)
@@ -615,7 +657,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
                     if kind in result.segmented:
                         written.append(out_dir / "masks" / f"{names[path]}.{kind}.tif")
                         _write_labels(written[-1], result.segmented[kind])
-            state.finish(result, written)
+            state.finish(result, written, stamps[path])
             rows[result.index], cell_rows[result.index] = result.rows, result.cell_rows
             n_total += result.n_spots
             n_new += 1
@@ -667,6 +709,14 @@ def cmd_train(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.init is not None:
+        from .io import load_model
+
+        try:  # a damaged model is said before the data are read (and cached for train)
+            load_model(args.init)
+        except (InputError, OSError) as e:
+            logger.error("%s", e)
+            return 2
     try:
         pairs = load_pairs(
             args.data, channel=args.channel, columns=args.columns, pixel_size=args.pixel_size
@@ -697,7 +747,10 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     bar = tqdm(
-        total=cfg.epochs * cfg.steps_per_epoch, desc="training", unit="step", disable=args.quiet
+        total=cfg.epochs * cfg.steps_per_epoch,
+        desc="training",
+        unit="step",
+        disable=not _progress_bars(args),
     )
 
     def progress(info):
@@ -956,7 +1009,7 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--channel",
-        type=int,
+        type=_channel_arg,
         default=None,
         help="channel of the spots in multi-channel images (0-based; default: every "
         "channel separately, with a c column)",
@@ -1002,6 +1055,14 @@ def _detection_options(p: argparse.ArgumentParser) -> None:
         "(default: the model's own, 5; 0 keeps every spot above the threshold)",
     )
     p.add_argument(
+        "--min-planes",
+        type=_min_planes_arg,
+        default=None,
+        metavar="N",
+        help="z-stacks: planes a spot must be seen in (default 2; 1 for stacks of fewer "
+        "than 3 planes); 1 when the z step is as coarse as the spots are deep",
+    )
+    p.add_argument(
         "--roi",
         type=_roi_arg,
         default=None,
@@ -1038,6 +1099,34 @@ def _tile_size_arg(text: str) -> int:
         return whole_pixels(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from None
+
+
+def _channel_arg(text: str) -> int:
+    """A channel number, 0-based; a negative one is refused (as a Python index, -1 would
+    silently be the last channel)."""
+    try:
+        n = int(text)
+    except ValueError:
+        msg = f"expected a channel number, 0 or more, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(
+            f"channels are numbered from 0 (the first), got {text!r}; negative numbers are "
+            "not taken"
+        )
+    return n
+
+
+def _min_planes_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of planes, 1 or more, got {text!r}"
+        )
+    return n
 
 
 def _axes_arg(text: str) -> str:
@@ -1100,14 +1189,14 @@ def _cell_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--nuclei-channel",
-        type=int,
+        type=_channel_arg,
         metavar="N",
         default=None,
         help="segment nuclei in channel N (e.g. DAPI) of each image",
     )
     g.add_argument(
         "--cytoplasm-channel",
-        type=int,
+        type=_channel_arg,
         metavar="N",
         default=None,
         help="cells by a watershed on channel N, seeded by the nuclei",
@@ -1211,7 +1300,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of each batch drawn from the synthetic generator (default 0.3)",
     )
     p.add_argument(
-        "--channel", type=int, default=None, help="channel of multi-channel training images"
+        "--channel",
+        type=_channel_arg,
+        default=None,
+        help="channel of multi-channel training images (0-based)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--workers", type=int, default=1, help="processes drawing training crops")
@@ -1248,10 +1340,40 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _in_output(e: OSError, args) -> bool:
+    """Whether the file of an error is an output: in the output folder (``-o``) or
+    beside it (the folder itself, a model's temporary folder), not an input."""
+    out = getattr(args, "output", None)
+    if not e.filename or out is None:
+        return False
+    path, out = Path(os.fsdecode(e.filename)).absolute(), Path(out).absolute()
+    return path == out or path.is_relative_to(out) or path.parent == out.parent
+
+
+def _progress_bars(args) -> bool:
+    """Progress bars only on a terminal: in a file (``2> log.txt``) or a pipe they are
+    lines of carriage returns that log lines glue to. ``-q`` hides them too."""
+    isatty = getattr(sys.stderr, "isatty", None)
+    return not args.quiet and bool(isatty and isatty())
+
+
+class _LogHandler(logging.StreamHandler):
+    """Log lines through tqdm.write: on a terminal a line goes above the progress bar,
+    never glued to it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001  (logging must not raise)
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.ERROR if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _LogHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     root = logging.getLogger("piscis")
     root.handlers[:] = [handler]
@@ -1274,6 +1396,15 @@ def main(argv: list[str] | None = None) -> int:
             what = "a file is in the way of an output folder (give another -o)"
         elif isinstance(e, IsADirectoryError):
             what = "a folder is in the way of an output file"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and _in_output(e, args):
+            # Creating a file (a lock, a temporary file) in the folder failed: name the
+            # folder, not a temporary file's name the user never chose.
+            folder = Path(e.filename).parent
+            where = f"{folder}: "
+            what = (
+                f"this folder is not writable ({what}); make it writable or choose another "
+                "output folder (-o)"
+            )
         logger.error("%s%s; outputs finished before this are complete", where, what)
         return 1
 

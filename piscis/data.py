@@ -90,6 +90,7 @@ def load_pairs(
             continue
         image = read_image_2d(path, channel=channel)
         coords = read_spots(csv, columns, pixel_size, merge_distance=MERGE_DISTANCE)
+        coords = _on_image(coords, image.shape, csv)
         mask_path = path.with_name(stem + ".mask.tif")
         region = None
         if mask_path.exists():
@@ -102,7 +103,31 @@ def load_pairs(
         pairs.append(Pair(stem, image, coords, region))
     if not pairs:
         raise ValueError(f"{folder}: no image + CSV pairs found (expected NAME.tif and NAME.csv)")
+    if not any(len(p.coords) for p in pairs):
+        # Spot-free images teach what is not a spot, but with no spot at all the network
+        # learns to find none (it trained and saved such a model, validation F1 0).
+        raise ValueError(
+            f"{folder}: no annotations in any CSV ({len(pairs)} CSV(s), none with a spot row "
+            "on its image); annotate spots, one row y,x per spot, in at least one"
+        )
     return pairs
+
+
+def _on_image(coords: np.ndarray, shape, csv: Path) -> np.ndarray:
+    """The rows whose rounded pixel lies on the image; the others are dropped with a
+    warning (a wrong pixel size, an offset, or another image's table)."""
+    pix = np.floor(coords + 0.5)
+    on = np.all((pix >= 0) & (pix < np.asarray(shape)), axis=1)
+    if not on.all():
+        logger.warning(
+            "%s: %d of %d rows lie outside the %d x %d image (dropped); check the "
+            "coordinates (0-based pixels, y then x) and --pixel-size",
+            csv,
+            int(np.count_nonzero(~on)),
+            len(coords),
+            *shape,
+        )
+    return coords[on]
 
 
 def annotation_check(pair: Pair, sigmas: float = 3.0) -> tuple[int, int, int]:

@@ -51,6 +51,9 @@ DIP_RATIO = 0.8  # a chain splits where its profile falls below this share of bo
 DIP_SIGMAS = 4.0  # ... and by more than this many noise standard deviations
 ELONGATED = 1.15  # FWHM_z above this multiple of the volume's median: a possible z pair
 CROP_YX = 5  # half-size in px of the crop a spot is fitted on
+# Peaks dropped for being seen in too few planes: warned about when at least this many,
+# and more than the spots kept (a z step too coarse for the rule).
+MIN_DROPPED_TO_WARN = 3
 COLUMNS_3D = (
     "fwhm_z", "fwhm_yx", "fwhm_z_um", "fwhm_yx_um", "n_planes", "z_split", "z_elongated",
 )  # fmt: skip
@@ -72,7 +75,25 @@ def check_volume(vol, name: str = "image"):
         raise ValueError(f"{name}: a volume must be 3D (Z, Y, X), got shape {tuple(vol.shape)}")
     if 0 in tuple(vol.shape):
         raise ValueError(f"{name}: image has a zero-size axis: shape {tuple(vol.shape)}")
+    check_not_channels_last(vol.shape, name)
     return vol
+
+
+CHANNELS_LAST = 4  # a last axis this short, under two axes longer than ...
+MIN_PLANE_SIDE = 16  # ... this, is colour channels (Y, X, C), not a (Z, Y, X) stack
+
+
+def check_not_channels_last(shape, name: str = "image") -> None:
+    """Refuse a 3D shape that is a (Y, X, C) colour image (what PIL, imageio and
+    scikit-image give for an RGB file), not a (Z, Y, X) stack: it would be detected as
+    Y planes of X by C pixels."""
+    shape = tuple(int(n) for n in shape)
+    if len(shape) == 3 and shape[-1] <= CHANNELS_LAST and min(shape[:2]) > MIN_PLANE_SIDE:
+        raise ValueError(
+            f"{name}: shape {shape} looks like a (Y, X, C) image with {shape[-1]} channel(s) "
+            "last, not a (Z, Y, X) stack; pass one channel, image[..., c] (a 2D image), or "
+            "a (Z, Y, X) stack (np.moveaxis(image, -1, 0) for planes stored last)"
+        )
 
 
 def read_plane(vol, z: int) -> np.ndarray:
@@ -262,10 +283,13 @@ def _split_profile(zs: np.ndarray, signal: np.ndarray, noise: float) -> list[int
     return sorted(set(cuts))
 
 
-def link_peaks(peaks: dict, noise: float, min_planes: int = 2) -> list[np.ndarray]:
+def link_peaks(
+    peaks: dict, noise: float, min_planes: int = 2, dropped: list | None = None
+) -> list[np.ndarray]:
     """Spots as lists of peak indices (each sorted by z): chains of :func:`_link`,
     split at clear dips of their profile (:func:`_split_profile`; the minimum plane goes
-    to the brighter side), without chains of fewer than ``min_planes`` planes."""
+    to the brighter side), without chains of fewer than ``min_planes`` planes (whose
+    first plane is appended to ``dropped`` when given)."""
     chain = _link(peaks["z"], peaks["yx"])
     if len(chain) == 0:
         return []
@@ -287,6 +311,8 @@ def link_peaks(peaks: dict, noise: float, min_planes: int = 2) -> list[np.ndarra
         for piece in pieces:
             if len(np.unique(peaks["z"][piece])) >= min_planes:
                 out.append(piece)
+            elif dropped is not None and len(piece):
+                dropped.append(int(peaks["z"][piece].min()))
     return out
 
 
@@ -620,7 +646,7 @@ def detect_volume(
         raise ValueError(f"{name}: empty z range {z_range} for {nz} planes")
     block = (z1 - z0) if not z_block else max(1, int(z_block))
     parts = []
-    n_nonfinite = 0
+    n_nonfinite = n_dropped = 0
     cache: dict = {}
     starts = list(range(z0, z1, block))
     for bi, b0 in enumerate(starts):
@@ -639,7 +665,10 @@ def detect_volume(
         for z in [z for z in cache if z < lo]:
             del cache[z]  # peak lists of planes no later block needs
         n_nonfinite += int(peaks["nonfinite"][b0 - lo : b1 - lo].sum())
-        m = _measured(vol, peaks, norm, min_planes, 2.0 / scale)
+        dropped: list[int] = []
+        m = _measured(vol, peaks, norm, min_planes, 2.0 / scale, dropped)
+        # Counted once over the blocks: by their first plane, in this block's own planes.
+        n_dropped += sum(b0 <= z < b1 for z in dropped)
         own = (m["z"] >= b0 - 0.5) & (m["z"] < b1 - 0.5)
         if b0 == 0:
             own |= m["z"] < -0.5
@@ -649,11 +678,24 @@ def detect_volume(
     m = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if n_nonfinite:
         logger.warning("%s: %d non-finite (NaN or infinite) voxels are ignored", name, n_nonfinite)
-    return _spots_3d(_significant(m, norm, min_snr), spacing, name)
+    spots = _spots_3d(_significant(m, norm, min_snr), spacing, name)
+    if n_dropped >= MIN_DROPPED_TO_WARN and n_dropped > len(spots):
+        # A z step as coarse as the PSF is deep shows each spot in one plane only: the
+        # rule meant for hot pixels then drops the spots themselves, silently.
+        logger.warning(
+            "%s: %d peaks seen in fewer than %d planes were dropped and %d spots kept; if "
+            "the z step is as coarse as the spots are deep, pass --min-planes 1 "
+            "(min_planes=1) or --project",
+            name,
+            n_dropped,
+            min_planes,
+            len(spots),
+        )
+    return spots
 
 
-def _measured(vol, peaks, norm, min_planes, radius) -> dict[str, np.ndarray]:
-    groups = link_peaks(peaks, norm.noise, min_planes)
+def _measured(vol, peaks, norm, min_planes, radius, dropped=None) -> dict[str, np.ndarray]:
+    groups = link_peaks(peaks, norm.noise, min_planes, dropped)
     return measure_spots(vol, peaks, groups, norm, radius)
 
 

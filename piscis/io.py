@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import logging
 import os
@@ -74,15 +75,23 @@ def _umask() -> int:
     return mask
 
 
+# Columns in the image's grey levels, whose unit may be anything (a float image in 0..1,
+# or 1e-7 per grey level): significant digits, not decimals (4 decimals wrote 0.0000).
+SIGNIFICANT_COLUMNS = {"intensity": "{:.6g}", "background": "{:.6g}"}
+
+
 def table_text(columns: dict[str, np.ndarray | list], float_format: str = "{:.4f}") -> str:
-    """CSV text (with header) of equal-length columns."""
+    """CSV text (with header) of equal-length columns: floats with ``float_format``
+    (coordinates: 4 decimals, 0.1 nm at 1 um per pixel), those of
+    :data:`SIGNIFICANT_COLUMNS` with 6 significant digits."""
     names = list(columns)
     n = len(next(iter(columns.values()))) if columns else 0
     lines = [",".join(names)]
     cols = [columns[k] for k in names]
+    formats = [SIGNIFICANT_COLUMNS.get(k, float_format) for k in names]
     for i in range(n):
         cells = []
-        for col in cols:
+        for col, fmt in zip(cols, formats):
             v = col[i]
             if v is None:
                 cells.append("")
@@ -91,7 +100,7 @@ def table_text(columns: dict[str, np.ndarray | list], float_format: str = "{:.4f
             elif isinstance(v, (int, np.integer)):
                 cells.append(str(int(v)))
             elif isinstance(v, (float, np.floating)):
-                cells.append("" if not np.isfinite(v) else float_format.format(float(v)))
+                cells.append("" if not np.isfinite(v) else fmt.format(float(v)))
             else:
                 cells.append(_csv_cell(str(v)))
         lines.append(",".join(cells))
@@ -158,17 +167,7 @@ def read_spots(
     in y and x: subtract 1 first.
     """
     path = Path(path)
-    try:
-        # utf-8-sig: spreadsheet exports start with a byte-order mark; text columns in
-        # another encoding must not stop the coordinates from being read.
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f)
-            rows = [(reader.line_num, r) for r in reader]
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
-    except csv.Error as e:
-        raise InputError(f"{path}: not a CSV table ({e})") from None
-    rows = [(n, r) for n, r in rows if r and any(c.strip() for c in r)]
+    rows, delimiter, how = csv_rows(path)
     if not rows:
         raise InputError(f"{path}: empty file, expected a header such as 'y,x'")
     header = [c.strip().lower() for c in rows[0][1]]
@@ -176,13 +175,13 @@ def read_spots(
         given = [str(c).strip().lower() for c in columns]
         if "y" not in given or "x" not in given:
             raise InputError(f"{path}: columns {list(columns)} must name 'y' and 'x'")
-        if not _is_number(rows[0][1][0].strip()):
+        if not _is_number(rows[0][1][0].strip(), delimiter):
             # The file has a header after all: the given names may only agree with it.
             _check_given_columns(path, header, given, zyx)
             rows = rows[1:]
         header = given
         rows = [(0, header), *rows]
-    elif _is_number(header[0]):
+    elif _is_number(header[0], delimiter):
         raise InputError(
             f"{path}: no header row; the first line must name the columns, e.g. 'y,x' "
             "(or give the column names: --columns y,x / read_spots(columns=...))"
@@ -190,8 +189,8 @@ def read_spots(
     where = _coordinate_columns(header, zyx)
     if where is None:
         raise InputError(
-            f"{path}: columns {header} hold no coordinates; "
-            "expected 'y,x' or napari's 'axis-0,axis-1'"
+            f"{path}: columns {header} hold no coordinates (read as {how}); expected 'y,x' "
+            "or napari's 'axis-0,axis-1', comma-separated (or ';' or tab), UTF-8 or UTF-16"
         )
     if "class" in header:
         logger.info("%s: column 'class' ignored (every row is read as a spot)", path)
@@ -199,9 +198,11 @@ def read_spots(
     out = []
     for k, r in rows[1:]:
         try:
-            out.append(tuple(float(r[i]) for i in idx))
+            out.append(tuple(csv_number(r[i], delimiter) for i in idx))
         except (ValueError, IndexError):
-            raise InputError(f"{path}: line {k} is not numeric: {','.join(r)!r}") from None
+            raise InputError(
+                f"{path}: line {k} is not numeric: {','.join(r)!r} (read as {how})"
+            ) from None
     coords = np.asarray(out, dtype=np.float64).reshape(-1, len(idx))
     if not np.all(np.isfinite(coords)):
         raise InputError(f"{path}: non-finite coordinates")
@@ -210,6 +211,61 @@ def read_spots(
     if merge_distance > 0 and len(coords) > 1:
         coords = _merge_close(coords, merge_distance, path)
     return coords
+
+
+# Delimiters other than the comma, tried first: a file whose lines all split into the
+# same number (> 1) of fields on one of them uses it (a spreadsheet's ';' export, whose
+# numbers may have a decimal comma, or a tab-separated table).
+_OTHER_DELIMITERS = ("\t", ";")
+
+
+def csv_rows(path) -> tuple[list[tuple[int, list[str]]], str, str]:
+    """The non-empty rows of a CSV (with their line numbers), its delimiter and how it
+    was read, in words (``"UTF-8, ',' delimiter"``): UTF-16 (with a byte-order mark, or
+    without one when every other byte is NUL) and UTF-8 (a byte-order mark dropped;
+    other bytes of text columns replaced), delimited by a comma, a semicolon or a tab
+    (detected)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        encoding, label = "utf-16", "UTF-16"
+    elif len(raw) >= 4 and raw[1::2].count(0) > 0.4 * len(raw) / 2:
+        encoding, label = "utf-16-le", "UTF-16"  # Windows' 'Unicode' without a mark
+    elif len(raw) >= 4 and raw[0::2].count(0) > 0.4 * len(raw) / 2:
+        encoding, label = "utf-16-be", "UTF-16"
+    else:
+        # utf-8-sig: spreadsheet exports start with a byte-order mark; text columns in
+        # another encoding must not stop the coordinates from being read.
+        encoding, label = "utf-8-sig", "UTF-8"
+    text = raw.decode(encoding, errors="replace").lstrip("\ufeff")
+    lines = [line for line in text.splitlines() if line.strip()][:20]
+    delimiter = ","
+    for d in _OTHER_DELIMITERS:
+        counts = {len(r) for r in csv.reader(lines, delimiter=d)}
+        if len(counts) == 1 and counts.pop() > 1:
+            delimiter = d
+            break
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+        rows = [(reader.line_num, r) for r in reader]
+    except csv.Error as e:
+        raise InputError(f"{path}: not a CSV table ({e})") from None
+    rows = [(n, r) for n, r in rows if r and any(c.strip() for c in r)]
+    how = f"{label}, {'tab' if delimiter == chr(9) else repr(delimiter)} delimiter"
+    return rows, delimiter, how
+
+
+def csv_number(cell: str, delimiter: str) -> float:
+    """A cell as a number; with ';' or tab delimiters a decimal comma too (1,5)."""
+    try:
+        return float(cell)
+    except ValueError:
+        if delimiter == "," or cell.count(",") != 1:
+            raise
+        return float(cell.replace(",", "."))
 
 
 def _coordinate_columns(header: list[str], zyx: bool) -> dict[str, int] | None:
@@ -280,9 +336,9 @@ def _merge_close(coords: np.ndarray, distance: float, path) -> np.ndarray:
     return merged
 
 
-def _is_number(s: str) -> bool:
+def _is_number(s: str, delimiter: str = ",") -> bool:
     try:
-        float(s)
+        csv_number(s, delimiter)
     except ValueError:
         return False
     return True
@@ -480,7 +536,8 @@ def resolve_axes(
     else:
         letters = (file_axes or "").upper()
         source = raw.source if raw is not None else "metadata"
-        if len(letters) != data.ndim:
+        if len(letters) != data.ndim or len(set(letters)) != len(letters):
+            # tifffile labels a plain (1, 1, 1) TIFF 'XYX': a repeated letter names nothing.
             letters = ""
         if not letters:
             letters = "YX" if data.ndim == 2 else "Q" * (data.ndim - 2) + "YX"
@@ -606,10 +663,17 @@ def _warn_mislabelled(shape, letters: str, name: str, source: str) -> None:
 
 
 def _split(
-    stack: Stack, channel, project: bool, voxel_size, every_channel: bool, option="--channel"
+    stack: Stack,
+    channel,
+    project: bool,
+    voxel_size,
+    every_channel: bool,
+    option="--channel",
+    pick: str = "choose one with --channel N (channel=N in Python)",
 ):
     """One ImageData per time point and channel of a resolved stack; ``option`` names
-    ``channel`` in messages (the option the user gave it with)."""
+    ``channel`` in messages (the option the user gave it with), and ``pick`` says what
+    to do when one channel is needed and none was given."""
     name, data, axes = stack.name, stack.data, stack.axes
     notes: list[str] = []
     index_c: list[int | None] = [None]
@@ -638,9 +702,7 @@ def _split(
                 index_c = list(range(n_keep))
             else:
                 raise InputError(
-                    f"{name}: {n_c} different channels (shape {data.shape}, axes {axes}); "
-                    "choose one with --channel N (without it the CLI detects every channel "
-                    "separately)"
+                    f"{name}: {n_c} different channels (shape {data.shape}, axes {axes}); {pick}"
                 )
     elif channel not in (None, 0):
         raise InputError(
@@ -763,9 +825,13 @@ def read_channels(
         )
     planes: dict = {}
     options = ["--channel"] * len(channels) if options is None else list(options)
+    others = " and ".join(dict.fromkeys(o for o in options if o != "--channel"))
+    # Reading channels by number, every one is read so: the spot channel too.
+    pick = f"pass the spot channel with --channel N (needed with {others})" if others else None
     for c, option in zip(channels, options):
         if c not in planes:
-            planes[c] = _split(stack, c, project, voxel_size, False, option)[0][1]
+            extra = {"pick": pick} if pick else {}
+            planes[c] = _split(stack, c, project, voxel_size, False, option, **extra)[0][1]
     return [planes[c] for c in channels]
 
 
@@ -1171,20 +1237,59 @@ def load_model(name_or_dir=None) -> LoadedModel:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise InputError(f"{cfg_path}: invalid JSON ({e})") from None
-    arch = config.get("architecture", {})
-    net = SpotNet(tuple(arch.get("channels", (8, 16, 32, 64))), int(arch.get("in_channels", 1)))
-    state = load_file(str(w_path))
+    except UnicodeDecodeError:
+        raise InputError(f"{cfg_path}: not a text file; copy the model folder again") from None
+    arch = config.get("architecture", {}) if isinstance(config, dict) else None
     try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
+        channels = tuple(int(c) for c in arch.get("channels", (8, 16, 32, 64)))
+        net = SpotNet(channels, int(arch.get("in_channels", 1)))
+    except (AttributeError, TypeError, ValueError):
         raise InputError(
-            f"{w_path}: weights do not fit the architecture in config.json ({e})"
+            f"{path}: config.json holds no usable 'architecture' (e.g. channels [8, 16, 32, "
+            "64]); copy the model folder again"
         ) from None
+    try:
+        state = load_file(str(w_path))
+    except Exception as e:  # noqa: BLE001  (safetensors' own error type for a bad file)
+        # Truncated by a copy or a download: one line, not safetensors' traceback.
+        raise InputError(
+            f"{path}: model.safetensors cannot be read ({e}); the file is truncated or "
+            "damaged: copy the model folder again"
+        ) from None
+    problem = _weights_problem(net.state_dict(), state)
+    if problem:
+        raise InputError(
+            f"{path}: model.safetensors does not fit the architecture in config.json "
+            f"(channels {list(channels)}): {problem}; the two files come from different models"
+        )
+    net.load_state_dict(state)
     net = fuse_batchnorm(net.eval())
     net = net.to(memory_format=__import__("torch").channels_last)
     loaded = LoadedModel(net, config, path)
     _CACHE[key] = loaded
     return loaded
+
+
+def _weights_problem(expected: dict, found: dict) -> str | None:
+    """How a weights file differs from a network's tensors, in a few words (torch's
+    own message lists every tensor, one per line); None when it fits."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [
+        k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(
+            f"{len(shapes)} of {len(expected)} tensors differ in shape (e.g. {k}: "
+            f"{tuple(found[k].shape)} in the file, {tuple(expected[k].shape)} expected)"
+        )
+    if missing:
+        parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected tensors (e.g. {extra[0]})")
+    return ", ".join(parts) or None
 
 
 def save_model(net, config: dict, folder: str | Path, card: str, overwrite: bool = False) -> Path:

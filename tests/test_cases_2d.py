@@ -1071,6 +1071,30 @@ def test_c02_float_images_at_any_scale_give_the_same_spots(default):
         assert len(pi) == 20, name
 
 
+@needs_default
+@pytest.mark.parametrize(
+    "dtype, offset",
+    [("int64", 2**34), ("uint32", 2**32 - 2**16), ("uint64", 2**40)],
+    ids=["int64+2^34", "uint32_near_2^32", "uint64+2^40"],
+)
+def test_c02_large_integer_offsets_keep_their_spots(default, dtype, offset):
+    """Integer data far from 0 (a camera's offset, a sum of frames): the spots of the
+    same image at 0. float32, where the background was subtracted, spaces its values
+    256 apart near 2^32 (positions 0.4 px off) and 2048 apart near 2^34 (no spot left);
+    32- and 64-bit integers are now scaled in float64, which holds them exactly."""
+    rng = np.random.default_rng(202)
+    image, _ = spot_image(rng, (192, 192), n_spots=20, amp=400)
+    ref = detect(image, default)
+    assert len(ref) == 20
+    data = image.astype(dtype) + np.array(offset, dtype)
+    assert np.array_equal(data - np.array(offset, dtype), image)  # the offset is exact
+    got = detect(data, default)
+    pi, ti = match(got.coords, ref.coords, 0.5)
+    assert len(got) == 20 and len(pi) == 20, (len(got), len(pi))
+    assert np.abs(got.coords[pi] - ref.coords[ti]).max() < 0.01
+    np.testing.assert_allclose(got.intensity[pi], ref.intensity[ti], rtol=1e-6, atol=1e-6)
+
+
 def test_c12_pipes_links_and_folders_are_named_not_hung(tmp_path, capsys, tiny_model):
     """A named FIFO or a dangling link given as an image: one error line each, no hang;
     in a folder they (and a folder named like an image) are skipped with an info line;

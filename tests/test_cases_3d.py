@@ -21,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 
 from piscis import cli, synth
 from piscis.api import count_spots
+from piscis.batch import RECORD_NAME
 from piscis.detect import detect
 from piscis.io import load_model
 
@@ -456,3 +457,72 @@ def test_c17_detect_widget_gives_3d_points_on_the_image_layer(viewer, qtbot, mod
     assert len(match3(points.data, vox)) == 10
     widget.threshold.setValue(0.97)  # live: no network run
     np.testing.assert_allclose(points.data, detect(vol, model, threshold=0.97).coords, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- coarse z step
+
+
+def _coarse_z_volume() -> tuple[np.ndarray, np.ndarray]:
+    """9 spots on a grid in a 10-plane stack with a 1 um z step: sigma_z 0.4 slice, so
+    each spot stands in one plane only (and a little in its neighbours)."""
+    rng = np.random.default_rng(4)
+    zz, yy, xx = np.mgrid[:10, :96, :96]
+    yx = np.stack(np.meshgrid(np.arange(16, 96, 32), np.arange(16, 96, 32)), -1).reshape(-1, 2)
+    true = np.column_stack([rng.integers(2, 8, len(yx)), yx]).astype(float)
+    vol = rng.normal(100, 5, zz.shape)
+    for z, y, x in true:
+        vol += 400 * np.exp(-((zz - z) ** 2) / (2 * 0.4**2) - ((yy - y) ** 2 + (xx - x) ** 2) / 2)
+    return vol.astype(np.uint16), true
+
+
+def test_a_coarse_z_step_warns_and_min_planes_1_finds_the_spots(model, tmp_path, capsys, caplog):
+    vol, true = _coarse_z_volume()
+    with caplog.at_level(logging.WARNING, logger="piscis"):
+        assert len(detect(vol, model, name="coarse.tif")) == 0
+    said = [r.getMessage() for r in caplog.records if "fewer than 2 planes" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("coarse.tif: 9 peaks")
+    assert "--min-planes 1" in said[0] and "--project" in said[0]
+    assert len(match3(detect(vol, model, min_planes=1).coords, true)) == 9
+    # A stack whose spots span several planes: no such warning.
+    caplog.clear()
+    rng = np.random.default_rng(8)
+    fine, fine_true = synth.spot_volume(rng, (12, 64, 64), n_spots=6, sigma=(1.5, 1.0), amp=400)
+    with caplog.at_level(logging.WARNING, logger="piscis"):
+        assert len(match3(detect(fine, model).coords, fine_true)) >= 5
+    assert not [r for r in caplog.records if "fewer than" in r.getMessage()]
+    # The command: --min-planes is passed to the detector and kept in the run record.
+    spots, _, rc = _count_cli(tmp_path, capsys, vol, "--min-planes", 1, name="coarse")
+    assert rc == 0 and len(match3(_coords(spots), true)) == 9
+    record = (tmp_path / "out" / RECORD_NAME).read_text().splitlines()[0]
+    assert '"min_planes": 1' in record
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "1.5", "x"])
+def test_min_planes_must_be_a_whole_number_from_1(tmp_path, capsys, bad):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["count", str(tmp_path / "a.tif"), "-o", str(tmp_path / "o"), "--min-planes", bad])
+    assert e.value.code == 2
+    assert "--min-planes: expected a whole number of planes, 1 or more" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- (Y, X, C) arrays
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_a_channels_last_array_is_refused_not_read_as_a_stack(model, channels):
+    rng = np.random.default_rng(6)
+    grey, _ = synth.spot_image(rng, (64, 64), n_spots=8, sigma=1.0, amp=400)
+    yxc = np.repeat(grey[..., None], channels, axis=-1)  # what PIL or imageio give
+    for call in (lambda: detect(yxc, model), lambda: count_spots(yxc, model=model)):
+        with pytest.raises(ValueError) as e:
+            call()
+        text = str(e.value)
+        assert f"shape (64, 64, {channels})" in text and "channel(s) last" in text
+        assert "image[..., c]" in text and "(Z, Y, X) stack" in text
+    # A real stack of as few planes, z first, is detected in 3D as before.
+    yx = np.stack(np.meshgrid([16.0, 48.0], [16.0, 48.0]), -1).reshape(-1, 2)
+    true = np.column_stack([np.full(4, (channels - 1) / 2), yx])
+    vol, _ = synth.spot_volume(rng, (channels, 64, 64), coords=true, sigma=(1.0, 1.0))
+    assert len(match3(detect(vol, model).coords, true)) == 4
+    table = count_spots(vol, model=model)[0]
+    assert len(match3(np.column_stack([table["z"], table["y"], table["x"]]), true)) == 4

@@ -951,3 +951,226 @@ def test_bad_roi_or_axes_is_refused_once_before_any_image(tmp_path, tiny_model, 
     assert len(errors) == 1 and option[0] in errors[0] and repr(option[1]) in errors[0], err
     assert "i0.tif" not in err and "i1.tif" not in err  # no image was read
     assert not out.exists()
+
+
+def _broken_model(tmp_path: Path, tiny_model, how: str) -> Path:
+    """A copy of ``tiny_model`` whose weights are cut short, or whose config.json names
+    another architecture than its weights."""
+    import json
+    import shutil
+
+    folder = tmp_path / f"model_{how}"
+    shutil.copytree(tiny_model, folder)
+    weights = folder / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["architecture"]["channels"] = [8, 16, 32, 64]
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("how", ["truncated", "mismatched"])
+@pytest.mark.parametrize("command", ["count", "detect", "train"])
+def test_a_damaged_model_folder_is_one_line_and_exit_2(tmp_path, tiny_model, capsys, how, command):
+    model = _broken_model(tmp_path, tiny_model, how)
+    data = tmp_path / "data"
+    _images(data, 40, n=1)
+    (data / "i0.csv").write_text("y,x\n10,12\n")
+    if command == "train":
+        argv = ["train", data, "-o", tmp_path / "new", "--init", model, "--epochs", "1"]
+    else:
+        argv = [command, data / "i0.tif", "-o", tmp_path / "o", "--model", model]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"ERROR: {model.resolve()}: model.safetensors")
+    what = "cannot be read" if how == "truncated" else "does not fit the architecture"
+    assert what in lines[0]
+    assert "Traceback" not in err and "size mismatch" not in err
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("how", ["truncated", "mismatched"])
+def test_a_damaged_model_folder_raises_input_error_in_the_api(tmp_path, tiny_model, how):
+    from piscis.io import InputError
+
+    model = _broken_model(tmp_path, tiny_model, how)
+    with pytest.raises(InputError, match="model.safetensors") as e:
+        piscis.detect_spots(_image(41), model=model)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("unit", [1 / 65535, 1e-4 / 65535])
+def test_spot_tables_keep_the_intensity_of_float_images_in_any_unit(
+    tmp_path, spotty_model, capsys, unit
+):
+    from piscis.annotate import read_spot_table
+    from piscis.io import read_spots
+
+    img = (_image(42, (48, 48)).astype(np.float64) * unit).astype(np.float32)  # 0..1 or less
+    tifffile.imwrite(tmp_path / "f.tif", img)
+    argv = ["detect", tmp_path / "f.tif", "-o", tmp_path / "o", "--model", spotty_model]
+    assert _run(capsys, *argv)[0] == 0
+    spots = piscis.detect.detect(img, spotty_model)
+    assert len(spots) > 0 and np.all(spots.background > 0)
+    names, rows = _table(tmp_path / "o" / "f.csv")
+    assert names == SPOT_COLUMNS
+    for col, want in (("intensity", spots.intensity), ("background", spots.background)):
+        got = np.array([float(r[col]) for r in rows])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+    assert all(len(r["y"].split(".")[1]) == 4 for r in rows)  # coordinates as before
+    # The readers of these tables: the napari plugin's, read_spots and evaluate.
+    table = read_spot_table(tmp_path / "o" / "f.csv")
+    np.testing.assert_allclose(table.features["intensity"], spots.intensity, rtol=1e-5)
+    np.testing.assert_allclose(read_spots(tmp_path / "o" / "f.csv"), spots.coords, atol=1e-4)
+    rc, out, _ = _run(capsys, "evaluate", tmp_path / "o" / "f.csv", tmp_path / "o" / "f.csv")
+    assert rc == 0 and " 1.000 " in out
+
+
+@pytest.mark.parametrize("change", ["other_image", "same_size"])
+def test_resume_counts_again_an_image_whose_file_changed(tmp_path, spotty_model, capsys, change):
+    images = _images(tmp_path / "in", 95, n=3)
+    out = tmp_path / "out"
+    argv = ["count", tmp_path / "in", "-o", out, "--model", spotty_model]
+    assert _run(capsys, *argv)[0] == 0
+    first = {p: (out / "spots" / f"{p.stem}.csv").read_text() for p in images}
+    st = images[1].stat()
+    if change == "other_image":  # another image saved under the same name
+        tifffile.imwrite(images[1], _image(99, (36, 44)))
+    else:  # the same bytes' size, other pixels, a later modification time
+        data = tifffile.imread(images[1])
+        tifffile.imwrite(images[1], data[::-1].copy())
+        os.utime(images[1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0, err
+    assert "all 3 image(s) already done" not in err
+    assert f"INFO: {images[1]}: the file changed since its results were written" in err
+    assert "resuming the run" in err and "2 of 3 image(s) already done" in err
+    rows = _table(out / "summary.csv")[1]
+    assert [Path(r["image"]).name for r in rows] == ["i0.tif", "i1.tif", "i2.tif"]
+    if change == "other_image":
+        assert (rows[1]["height"], rows[1]["width"]) == ("36", "44")
+    assert (out / "spots" / "i1.csv").read_text() != first[images[1]]
+    for p in (images[0], images[2]):
+        assert (out / "spots" / f"{p.stem}.csv").read_text() == first[p]
+    # Once counted again, the run is finished.
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0 and "all 3 image(s) already done" in err
+
+
+@pytest.mark.parametrize("inputs", ["empty", "subfolders", "nomatch", "empty+nomatch"])
+def test_inputs_without_any_image_are_one_line_and_exit_2(tmp_path, tiny_model, capsys, inputs):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "notes.txt").write_text("no images here\n")
+    if inputs == "subfolders":
+        for sub in ("day1", "day2"):
+            _images(d / sub, 50)
+    argv = {
+        "empty": [d],
+        "subfolders": [d],
+        "nomatch": [tmp_path / "nothing*.tif"],
+        "empty+nomatch": [d, tmp_path / "nothing*.tif"],
+    }[inputs]
+    out = tmp_path / "out"
+    rc, _, err = _run(capsys, "count", *argv, "-o", out, "--model", tiny_model)
+    assert rc == 2
+    lines = [line for line in err.splitlines() if not line.startswith("INFO")]
+    assert len(lines) == 1 and lines[0].startswith("ERROR: no image in the input(s) given"), err
+    if inputs != "nomatch":
+        assert f"{d}: no image files" in lines[0]
+    if "nomatch" in inputs:
+        assert "nothing*.tif: no file matches this pattern" in lines[0]
+    if inputs == "subfolders":
+        assert "only 2 sub-folder(s), which are not searched" in lines[0]
+        assert str(d / "*" / "*.tif") in lines[0]
+    assert not out.exists()  # no header-only summary.csv
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["count", "--channel", "-1"],
+        ["detect", "--channel", "-2"],
+        ["count", "--channel", "0", "--nuclei-channel", "-1"],
+        ["count", "--channel", "0", "--nuclei-channel", "1", "--cytoplasm-channel", "-1"],
+        ["train", "--channel", "-1"],
+    ],
+)
+def test_negative_channel_numbers_are_refused_when_the_options_are_read(tmp_path, capsys, argv):
+    img = tmp_path / "rgb.tif"
+    tifffile.imwrite(img, np.stack([_image(k) for k in range(3)], -1), photometric="rgb")
+    command, *options = argv
+    where = [tmp_path] if command == "train" else [img]
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, *map(str, where), "-o", str(tmp_path / "o"), *options])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    option = options[-2]
+    assert f"argument {option}: channels are numbered from 0 (the first), got '-" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_folder_that_is_not_writable_is_named_not_a_temporary_file(
+    tmp_path, tiny_model, capsys, monkeypatch
+):
+    import errno
+    import tempfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    mkstemp = tempfile.mkstemp
+
+    def refused(*a, dir=None, **kw):  # what a read-only (immutable) folder answers
+        if Path(dir) == out:
+            name = os.path.join(dir, f"{kw.get('prefix', '')}zpq7434g{kw.get('suffix', '')}")
+            raise PermissionError(errno.EPERM, "Operation not permitted", name)
+        return mkstemp(*a, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    rc, _, err = _run(capsys, "count", _images(tmp_path / "in", 60, 1)[0], "-o", out,
+                      "--model", tiny_model)  # fmt: skip
+    assert rc == 1
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert errors == [
+        f"ERROR: {out}: this folder is not writable (Operation not permitted); make it "
+        "writable or choose another output folder (-o); outputs finished before this are "
+        "complete"
+    ]
+    assert ".tmp" not in err
+
+
+def test_a_missing_spot_channel_says_what_this_command_needs(tmp_path, tiny_model, capsys):
+    rgb = np.stack([_image(k, (40, 40)) for k in range(3)], -1).astype(np.uint8)
+    data = tmp_path / "data"
+    data.mkdir()
+    tifffile.imwrite(data / "rgb.tif", rgb, photometric="rgb")
+    (data / "rgb.csv").write_text("y,x\n10,12\n")
+    rc, _, err = _run(capsys, "count", data / "rgb.tif", "-o", tmp_path / "o",
+                      "--model", tiny_model, "--nuclei-channel", "1")  # fmt: skip
+    assert rc == 1
+    assert "3 different channels" in err
+    assert "pass the spot channel with --channel N (needed with --nuclei-channel)" in err
+    rc, _, err = _run(capsys, "train", data, "-o", tmp_path / "m", "--epochs", "1")
+    assert rc == 2 and "3 different channels" in err and "choose one with --channel N" in err
+    # Neither says the CLI would detect every channel: these two do not.
+    assert "every channel separately" not in err
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(tmp_path, tiny_model, capsys, monkeypatch):
+    images = _images(tmp_path / "in", 61, 3)
+    tifffile.imwrite(images[0], _image(62, (600, 600)))  # streamed in tiles, below
+    monkeypatch.setenv("PISCIS_STREAM_PIXELS", "1024")
+    argv = ["count", *images, "-o", tmp_path / "o", "--model", tiny_model, "--tile-size", 256]
+    rc, _, err = _run(capsys, *argv)
+    assert rc == 0
+    assert "\r" not in err and "images:" not in err and "tiles:" not in err
+    lines = err.splitlines()
+    assert lines and all(line.split(":")[0] in ("INFO", "WARNING") for line in lines), err
+    # On a terminal: the bars of the images and of a streamed image's tiles.
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc, _, err = _run(capsys, *argv, "--overwrite")
+    assert rc == 0 and "images:" in err and "tiles:" in err

@@ -790,3 +790,48 @@ def test_few_unnamed_pages_are_z_with_a_warning_and_extra_series_are_named(tmp_p
         data = read_image(two)
     np.testing.assert_array_equal(data.image, z[0])
     assert "two_series.tif: 2 image series in the file; only the first" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["semicolon", "semicolon_decimal_comma", "tab", "utf-16", "utf-16-no-bom", "utf-8-bom;"],
+)
+def test_spot_csvs_in_other_delimiters_and_encodings_are_read(tmp_path, how):
+    from piscis.annotate import read_spot_table
+
+    rng = np.random.default_rng(31)
+    coords = np.round(rng.uniform(0, 100, (5, 2)), 3)
+    delimiter = {"semicolon": ";", "semicolon_decimal_comma": ";", "tab": "\t", "utf-8-bom;": ";"}
+    delimiter = delimiter.get(how, ",")
+    lines = [delimiter.join(["y", "x", "score"])]
+    for y, x in coords:
+        cells = [f"{y}", f"{x}", "0.9"]
+        if how == "semicolon_decimal_comma":  # a German spreadsheet's export
+            cells = [c.replace(".", ",") for c in cells]
+        lines.append(delimiter.join(cells))
+    text = "\r\n".join(lines) + "\r\n"
+    encoding = {"utf-16": "utf-16", "utf-16-no-bom": "utf-16-le", "utf-8-bom;": "utf-8-sig"}
+    path = tmp_path / "spots.csv"
+    path.write_bytes(text.encode(encoding.get(how, "utf-8")))
+    np.testing.assert_allclose(read_spots(path), coords)
+    table = read_spot_table(path)  # the napari plugin's reader
+    np.testing.assert_allclose(table.coords, coords)
+    np.testing.assert_allclose(table.features["score"], 0.9)
+
+
+def test_a_csv_without_coordinates_says_how_it_was_read(tmp_path):
+    path = tmp_path / "spots.csv"
+    path.write_text("row|col\n1|2\n")
+    with pytest.raises(InputError) as e:
+        read_spots(path)
+    text = str(e.value)
+    assert "columns ['row|col'] hold no coordinates (read as UTF-8, ',' delimiter)" in text
+    assert "comma-separated" in text
+
+
+def test_a_1x1x1_tiff_is_a_1x1_image_not_axes_xyx(tmp_path, caplog):
+    tifffile.imwrite(tmp_path / "one.tif", np.ones((1, 1, 1), np.uint16))
+    with caplog.at_level(logging.INFO, logger="piscis"):
+        data = read_image(tmp_path / "one.tif")
+    assert data.image.shape == (1, 1) and data.axes == "YX"
+    assert "XYX" not in caplog.text and "axes YX, shape (1, 1)" in caplog.text

@@ -167,7 +167,8 @@ def test_c18_large_field_streamed_with_bounded_memory(tmp_path):
         cmd = ["count", str(tmp_path / "field.tif"), "-o", str(out)]
         r, peak = _peak_rss_mb([*cmd, "--tile-size", str(tile)], env)
         assert r.returncode == 0, r.stderr
-        assert "tiles:" in r.stderr  # progress over the tiles of the one image
+        # No progress bar in a pipe (test_cli checks the tile bar on a terminal).
+        assert "tiles:" not in r.stderr and "\r" not in r.stderr
         results[tile] = (out / "spots" / "field.csv").read_bytes()
         peaks.append(peak)
     assert max(peaks) < 1000, f"peak RSS {peaks} MB"
@@ -254,6 +255,30 @@ def test_local_cluster_workers_keep_the_adaptive_malloc_thresholds(cluster):
         threads = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
     assert set(env.values()) == {None}
     assert set(threads.values()) == {"1"}
+
+
+def test_local_cluster_opens_no_dashboard_or_http_port(cluster):
+    """--workers: no dashboard (dask's scheduler opens one on 8787 even with
+    dashboard_address=None) and no HTTP port of the workers; only the comm ports."""
+    psutil = pytest.importorskip("psutil")
+    from distributed import Client
+
+    def listening(pid: int) -> set[int]:
+        conns = psutil.Process(pid).net_connections(kind="inet")
+        return {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+
+    assert not cluster.dashboard_link
+    assert getattr(cluster.scheduler, "http_server", None) is None
+    assert "dashboard" not in cluster.scheduler.services
+    nannies = {int(w.port) for w in cluster.workers.values()}
+    assert listening(os.getpid()) == {int(cluster.scheduler.port), *nannies}
+    with Client(cluster.scheduler_address) as client:
+        seen = client.run(
+            lambda dask_worker: (dask_worker.services, dask_worker.port, listening(os.getpid()))
+        )
+    assert len(seen) == 2
+    for services, port, ports in seen.values():
+        assert services == {} and ports == {int(port)}
 
 
 def test_killed_worker_mid_run_every_result_is_there(cluster, folder, serial, tmp_path):

@@ -137,3 +137,42 @@ def test_fine_tuning_keeps_the_parents_threshold_and_significance_floor(tmp_path
     assert child.threshold == parent.threshold and child.min_snr == parent.min_snr
     scratch = load_model(train(pairs[:2], tmp_path / "new", _tiny(), val_pairs=pairs[2:]))
     assert scratch.threshold == TrainConfig().threshold  # from scratch: the set value
+
+
+def test_training_folder_without_any_annotation_is_refused(tmp_path, capsys):
+    from piscis import cli
+
+    rng = np.random.default_rng(12)
+    for stem in ("a", "b"):
+        img, _ = spot_image(rng, (64, 64), n_spots=5)
+        tifffile.imwrite(tmp_path / f"{stem}.tif", img)
+        (tmp_path / f"{stem}.csv").write_text("y,x\n")  # a header, no rows
+    with pytest.raises(ValueError, match="no annotations in any CSV"):
+        load_pairs(tmp_path)
+    rc = cli.main(["train", str(tmp_path), "-o", str(tmp_path / "m"), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "m").exists()
+    errors = [line for line in err.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and "no annotations in any CSV (2 CSV(s)" in errors[0]
+    assert str(tmp_path) in errors[0]
+    # One annotated image is enough: the other is a spot-free example.
+    (tmp_path / "b.csv").write_text("y,x\n10,12\n")
+    assert [len(p.coords) for p in load_pairs(tmp_path)] == [0, 1]
+
+
+def test_rows_outside_the_image_are_dropped_with_a_warning(tmp_path, caplog):
+    import logging
+
+    rng = np.random.default_rng(13)
+    img, coords = spot_image(rng, (128, 128), n_spots=6)
+    tifffile.imwrite(tmp_path / "a.tif", img)
+    rows = [*coords, (500, 500), (-3, 10), (127.4, 5), (127.6, 60)]
+    (tmp_path / "a.csv").write_text("y,x\n" + "".join(f"{y},{x}\n" for y, x in rows))
+    with caplog.at_level(logging.WARNING, logger="piscis"):
+        (pair,) = load_pairs(tmp_path)
+    np.testing.assert_allclose(pair.coords, [*coords, (127.4, 5)])
+    said = [r.getMessage() for r in caplog.records if "outside" in r.getMessage()]
+    assert said == [
+        f"{tmp_path / 'a.csv'}: 3 of 10 rows lie outside the 128 x 128 image "
+        "(dropped); check the coordinates (0-based pixels, y then x) and --pixel-size"
+    ]
