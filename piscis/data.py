@@ -65,6 +65,11 @@ class Pair:
             self.norm = estimate_normalization(self.image)
 
 
+# The names of an image's annotation table, in the order they are looked for: the
+# image's name, then the truth names piscis evaluate pairs with an image.
+ANNOTATION_NAMES = ("", ".truth", ".true", ".gt")
+
+
 def load_pairs(
     folder: str | Path, channel: int | None = None, columns=None, pixel_size=None
 ) -> list[Pair]:
@@ -84,9 +89,16 @@ def load_pairs(
         if path.name.lower().endswith(".mask.tif") or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         stem = path.name[: -len(path.suffix)]
-        csv = path.with_name(stem + ".csv")
+        # NAME.csv, or a truth table named as piscis evaluate pairs them.
+        found = [path.with_name(f"{stem}{role}.csv") for role in ANNOTATION_NAMES]
+        found = [c for c in found if c.exists()]
+        csv = found[0] if found else path.with_name(stem + ".csv")
+        if len(found) > 1:
+            logger.warning(
+                "%s: %s used, %s left out", path, csv.name, ", ".join(c.name for c in found[1:])
+            )
         if not csv.exists():
-            logger.info("%s: no %s beside it, skipped", path, csv.name)
+            logger.info("%s: no %s (or %s.truth.csv) beside it, skipped", path, csv.name, stem)
             continue
         image = read_image_2d(path, channel=channel)
         coords = read_spots(csv, columns, pixel_size, merge_distance=MERGE_DISTANCE)
@@ -102,7 +114,10 @@ def load_pairs(
                 )
         pairs.append(Pair(stem, image, coords, region))
     if not pairs:
-        raise ValueError(f"{folder}: no image + CSV pairs found (expected NAME.tif and NAME.csv)")
+        raise ValueError(
+            f"{folder}: no image + CSV pairs found (expected NAME.tif and NAME.csv or "
+            "NAME.truth.csv)"
+        )
     if not any(len(p.coords) for p in pairs):
         # Spot-free images teach what is not a spot, but with no spot at all the network
         # learns to find none (it trained and saved such a model, validation F1 0).

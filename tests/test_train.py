@@ -176,3 +176,20 @@ def test_rows_outside_the_image_are_dropped_with_a_warning(tmp_path, caplog):
         f"{tmp_path / 'a.csv'}: 3 of 10 rows lie outside the 128 x 128 image "
         "(dropped); check the coordinates (0-based pixels, y then x) and --pixel-size"
     ]
+
+
+def test_training_folder_takes_the_truth_names_evaluate_takes(tmp_path, caplog):
+    """sample_data's NAME.truth.csv (as `piscis evaluate` pairs them) is an annotation
+    table for training too (train said 'no image + CSV pairs found'); NAME.csv wins
+    over it, with a warning."""
+    rng = np.random.default_rng(44)
+    for name in ("a", "b"):
+        img, coords = spot_image(rng, (96, 96), n_spots=6)
+        tifffile.imwrite(tmp_path / f"{name}.tif", img)
+        table = "y,x\n" + "".join(f"{y},{x}\n" for y, x in coords)
+        (tmp_path / f"{name}.truth.csv").write_text(table)
+    (tmp_path / "b.csv").write_text("y,x\n10,10\n")
+    pairs = {p.name: p for p in load_pairs(tmp_path)}
+    assert sorted(pairs) == ["a", "b"]
+    assert len(pairs["a"].coords) == 6 and len(pairs["b"].coords) == 1
+    assert "b.csv used, b.truth.csv left out" in caplog.text
