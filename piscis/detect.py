@@ -132,6 +132,8 @@ BAND_GAIN = _band_gain()
 # Unclipped pixels (with 3 px around them) must cover this share of the image for their
 # spread to be the noise when the median itself is clipped.
 MIN_BACKGROUND_SHARE = 0.25
+# ... and the pixels off the clip levels must cover less than this share to be spots only.
+SPOT_SHARE = 1 / 3
 
 BLOB_AREA = 50  # px above half the contrast level: larger objects are not spots
 
@@ -300,7 +302,13 @@ def estimate_normalization(
     # figure (it gave 20, 26, 0 and 20 spots for one noise-free image as uint16,
     # float16, float32 and float64). A mosaic padded with zeros keeps its tissue's.
     background_clipped = background <= lo or background >= hi
-    spots_only = background_clipped and vals.size < MIN_BACKGROUND_SHARE * values.size
+    spots_only = (
+        background_clipped
+        and vals.size < MIN_BACKGROUND_SHARE * values.size
+        # Spots and their tails cover a minority of the pixels; a contrast-stretched
+        # image clipped at 0 keeps a large textured rest (ISS: 46% above 0).
+        and np.count_nonzero((values > lo) & (values < hi)) < SPOT_SHARE * values.size
+    )
     if vals.size > 100 and not spots_only:
         noise = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) / BAND_GAIN
         contrast = _spot_contrast(band, ok)
