@@ -168,12 +168,12 @@ def crowded_spots(image, coords, background, noise: float, name: str = "image"):
     Returns
     -------
     coords : (M, 2) positions of the added spots
-    cluster : (M, N) boolean, the detections of each added spot's cluster
+    cluster : M index arrays: the detections of each added spot's cluster
     """
     from scipy.spatial import cKDTree
 
     coords = np.asarray(coords, float).reshape(-1, 2)
-    none = np.zeros((0, 2)), np.zeros((0, len(coords)), bool)
+    none: tuple[np.ndarray, list[np.ndarray]] = (np.zeros((0, 2)), [])
     clusters = dense_clusters(coords)
     if not clusters:
         return none
@@ -254,10 +254,7 @@ def crowded_spots(image, coords, background, noise: float, name: str = "image"):
             "(spot width %.2g px, from %d single spots)",
             name, len(added), len(clusters), n_dense, s, shape.n_references,
         )  # fmt: skip
-    cluster = np.zeros((len(added), len(coords)), bool)
-    for i, k in enumerate(owner):
-        cluster[i, clusters[k]] = True
-    return np.asarray(added, float).reshape(-1, 2), cluster
+    return np.asarray(added, float).reshape(-1, 2), [clusters[k] for k in owner]
 
 
 def add_crowded(image, spots, noise: float, radius: float = 2.0, name: str = "image"):

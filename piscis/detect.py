@@ -262,10 +262,13 @@ def estimate_normalization(
     noise. White noise gives its standard deviation; spatially correlated
     noise (smoothed, upsampled or 8-bit rendered images) gives more, as it
     should, since such noise makes spot-like blobs. Clipped pixels (at the
-    image minimum or maximum) and non-finite ones are left out. A flat image
-    gets a floor (half a grey level for integer data), so noise is never
-    stretched into spots. Statistics come from the whole image, or from a
-    regular grid of blocks covering a large one.
+    image minimum or maximum), constant stretches (16 x 16 px of one value) and
+    non-finite pixels are left out; a constant stretch far from the rest's level (a
+    mask, padding) is left out of every statistic. A flat image gets a floor (half a
+    grey level for integer data), so noise is never stretched into spots; a
+    noise-free one (spots on a flat background) takes its unit from the spots'
+    contrast. Statistics come from the whole image, or from a regular grid of
+    blocks covering a large one.
 
     The unit of the network input is max(noise, q / contrast_ratio), where q
     is the 99.9th percentile of the same band-pass image: the contrast of
@@ -278,8 +281,9 @@ def estimate_normalization(
     if not finite.any():
         return Normalization(0.0, 1.0, compression, n_nonfinite)
     # Constant stretches (16 x 16 px squares of one value: outside a cell, padding, a
-    # masked area) hold no noise: counted as noise they shrank the unit until the noise of the
-    # rest became spots (1851 spots for 12 in a cell whose surround was set to 100).
+    # masked area) hold no noise: counted as noise they shrank the unit until the
+    # noise of the rest became spots (1851 spots for 12 in a cell whose surround was
+    # set to 100).
     filled = sample if finite.all() else np.where(finite, sample, np.median(sample[finite]))
     flat = _constant_stretches(filled) & finite
     if _masked(filled, flat, finite):
