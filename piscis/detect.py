@@ -55,7 +55,10 @@ class Normalization:
 
     def apply(self, image: np.ndarray) -> np.ndarray:
         image = np.asarray(image)
-        wide = image.dtype.kind in "iu" and image.dtype.itemsize >= 4
+        # Integers beyond float32's 24 bits (offset 32- and 64-bit data) are scaled in
+        # float64; smaller values the same way as every other dtype, to the last bit.
+        wide = image.dtype.kind in "iu" and image.dtype.itemsize >= 4 and image.size > 0
+        wide = wide and max(abs(int(image.min())), abs(int(image.max()))) >= 2**24
         if image.dtype == np.float64 or wide or not 0 < np.float32(self.unit) < np.inf:
             # Scaled in double precision: float64 data may lie outside float32's range
             # (1e-40 or 1e300 per grey level), and so may the unit of a flat image;
@@ -224,11 +227,14 @@ def _constant_stretches(filled: np.ndarray, side: int = 16) -> np.ndarray:
     h, w = (n - n % side for n in filled.shape[-2:])
     if h == 0 or w == 0:
         return out
-    part = filled[..., :h, :w]
-    tiles = part.reshape(*part.shape[:-2], h // side, side, w // side, side)
-    one = tiles.max(axis=(-3, -1)) == tiles.min(axis=(-3, -1))
-    if one.any():
-        out[..., :h, :w] = np.repeat(np.repeat(one, side, axis=-2), side, axis=-1)
+    for y in range(0, h, side):  # a band of squares at a time: no copy of the image
+        band = filled[..., y : y + side, :w]
+        tiles = band.reshape(*band.shape[:-2], side, w // side, side)
+        one = tiles.max(axis=(-3, -1)) == tiles.min(axis=(-3, -1))
+        if one.any():
+            out[..., y : y + side, :w] = np.repeat(one[..., None, :], side, axis=-2).repeat(
+                side, axis=-1
+            )
     return out
 
 
