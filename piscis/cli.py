@@ -865,7 +865,9 @@ cut-off r must lie within r px in yx and within r slices in z (the tolerance of 
 field cases, 1.5 px and 1.5 slices, at r = 1.5), for every figure; loc_err is then the
 (z, y, x) distance. A z column in one table only: matched in yx, with a warning.
 Folders are paired by image name; a file without its partner is reported and left
-out; a CSV that cannot be read is reported and the others are scored (exit 1)."""
+out; a CSV that cannot be read is reported and the others are scored (exit 1).
+With several images, 'mean' averages the images' rows and 'pooled' scores all their
+spots together (an image with no spot and no prediction weighs nothing there)."""
 
 
 def cmd_evaluate(args) -> int:
@@ -876,7 +878,7 @@ def cmd_evaluate(args) -> int:
     :data:`EVALUATE_HELP`. Exit 0; 1 when some pair could not be read (the others are
     scored); 2 when nothing could be scored.
     """
-    from .metrics import mean_scores
+    from .metrics import mean_scores, pooled_scores
 
     pred, true = Path(args.pred), Path(args.truth)
     for path in (pred, true):
@@ -917,6 +919,7 @@ def cmd_evaluate(args) -> int:
         print(_score_line(name[:30], vars(s)))
     if len(scores) > 1:
         print(_score_line("mean", mean_scores(scores)))
+        print(_score_line("pooled", pooled_scores(scores)))
     if n_failed:
         logger.error("%d of %d pair(s) could not be scored", n_failed, len(pairs))
         return 1 if scores else 2

@@ -706,7 +706,7 @@ def test_evaluate_folders(tmp_path, capsys):
     rc, out, err = _run(capsys, "evaluate", p, t)
     assert rc == 0
     _, rows = _parse(out)
-    assert set(rows) == {"a", "b", "c", "mean"}
+    assert set(rows) == {"a", "b", "c", "mean", "pooled"}
     assert [rows[k]["F1@1"] for k in "abc"] == [1.0, 0.0, 0.75]
     assert [rows[k]["F1@2"] for k in "abc"] == [1.0, 0.0, 0.75]
     assert [rows[k]["F1@3"] for k in "abc"] == [1.0, 1.0, 0.75]
@@ -736,7 +736,7 @@ def test_evaluate_pairs_truth_files_by_image_name(tmp_path, capsys):
     rc, out, err = _run(capsys, "evaluate", p, t)
     assert rc == 0, err
     rows = _parse(out)[1]
-    assert set(rows) == {"cells", "a.b", "mean"}
+    assert set(rows) == {"cells", "a.b", "mean", "pooled"}
     assert rows["cells"]["F1@1"] == 1.0 and rows["a.b"]["recall"] == 0.5
 
 
@@ -844,7 +844,7 @@ def test_evaluate_folders_go_on_past_a_bad_csv_and_report_unpaired_files(tmp_pat
     _write_spots(t / "a.gt.csv", TRUTH[:1])  # a second truth for a
     rc, out, err = _run(capsys, "evaluate", p, t)
     assert rc == 1
-    assert set(_parse(out)[1]) == {"a", "c", "mean"}
+    assert set(_parse(out)[1]) == {"a", "c", "mean", "pooled"}
     assert _parse(out)[1]["a"]["F1@1"] == 1.0  # a.csv, the first truth for a
     lines = err.splitlines()
     assert len([x for x in lines if str(p / "b.csv") in x]) == 1

@@ -110,3 +110,23 @@ def test_cylinder_matches_within_the_cutoff_in_yx_and_in_z():
     # 2D points are not changed by it.
     flat = pred[:, 1:]
     assert f1_at(flat, true[:, 1:], 1.5, cylinder=True) == f1_at(flat, true[:, 1:], 1.5)
+
+
+def test_pooled_scores_are_those_of_all_spots_taken_together():
+    """Pooled = the score of the concatenated spots (images far apart): a blank image
+    with one false spot costs one spot, not half of a two-image mean."""
+    from piscis.metrics import mean_scores, pooled_scores, score
+
+    rng = np.random.default_rng(9)
+    truth_a = rng.uniform(0, 100, (40, 2))
+    pred_a = truth_a + rng.normal(0, 0.8, truth_a.shape)
+    pred_a = np.vstack([pred_a[:35], rng.uniform(0, 100, (3, 2))])
+    blank_pred, blank_true = np.array([[50.0, 50.0]]), np.zeros((0, 2))
+    a, b = score(pred_a, truth_a), score(blank_pred, blank_true)
+    together = score(np.vstack([pred_a, blank_pred + 1000]), truth_a)
+    pooled = pooled_scores([a, b])
+    for name in ("f1_1", "f1_2", "f1_3", "f1_int", "precision", "recall", "loc_error"):
+        assert pooled[name] == pytest.approx(getattr(together, name), abs=1e-12), name
+    assert mean_scores([a, b])["f1_3"] < pooled["f1_3"] - 0.4  # the mean halves it
+    empty = score(np.zeros((0, 2)), np.zeros((0, 2)))
+    assert pooled_scores([a, empty])["f1_int"] == pytest.approx(a.f1_int)
