@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError, whole_pixels
+from .io import InputError, about, whole_pixels
 from .lazy import out_of_memory
 
 logger = logging.getLogger(__name__)
@@ -301,9 +301,7 @@ def run_image(
         msg = _as_given(job, str(e) or type(e).__name__)
         if out_of_memory(e) and "--tile-size" not in msg:
             msg = _memory_advice(job, opts, msg)
-        # Every line about an image starts with it, also when its path is named later
-        # in the text (an OSError: "[Errno 5] Input/output error: 'PATH'").
-        msg = msg if msg.startswith(job.path) else f"{job.path}: {msg}"
+        msg = about(job.path, msg)
         out = Result(job.index, job.path, job.name, error=msg)
     finally:
         if handler is not None:
@@ -316,10 +314,10 @@ def run_image(
 def _memory_advice(job: Job, opts, text: str) -> str:
     """The message of an image whose detection ran out of memory (C18): the tiles bound
     the memory, so it suggests half the tile size, or the smallest that is not raised
-    (:func:`piscis.detect.tile_cores`: 4 network margins)."""
-    from .model import receptive_margin
+    (:func:`piscis.detect.smallest_core`)."""
+    from .detect import smallest_core
 
-    smallest = 4 * receptive_margin(_model(opts.model).net.channels)
+    smallest = smallest_core(_model(opts.model).net)
     current = max(int(opts.tile_size), smallest)
     if current > smallest:
         # The wording of lazy.check_memory's message, whose "(e.g. N)" scripts may read.

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .io import IMAGE_SUFFIXES, InputError, whole_pixels
+from .io import IMAGE_SUFFIXES, InputError, about, whole_pixels
 
 logger = logging.getLogger("piscis")
 
@@ -454,9 +454,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     if not images:
         # Nothing to run (README: exit 2): one line with every input's reason, and no
         # output folder or empty summary is made.
-        reasons = empty + [
-            why if why.startswith(item) else f"{item}: {why}" for item, why in failures
-        ]
+        reasons = empty + [about(item, why) for item, why in failures]
         logger.error("no image in the input(s) given, nothing was run: %s", "; ".join(reasons))
         return 2
     for note in empty:
@@ -682,7 +680,7 @@ def _batch(args, spots_dir: Path, summary_path: Path | None, held) -> int:
     if failures:
         logger.error("%d input(s) failed:", len(failures))
         for item, why in failures:
-            logger.error("  %s", why if why.startswith(item) else f"{item}: {why}")
+            logger.error("  %s", about(item, why))
         return 1
     return 0
 
@@ -1122,14 +1120,9 @@ def _channel_arg(text: str) -> int:
 
 def _min_planes_arg(text: str) -> int:
     try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected a whole number of planes, 1 or more, got {text!r}"
-        )
-    return n
+        return whole_pixels(text, "planes")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}, got {text!r}") from None
 
 
 def _axes_arg(text: str) -> str:

@@ -382,6 +382,11 @@ def check_decoding(threshold: float, scale: float | None = None) -> None:
         raise ValueError(f"scale must be between 0.01 and 100, got {scale}")
 
 
+def smallest_core(net) -> int:
+    """The smallest tile core :func:`tile_cores` uses: 4 times the network's margin."""
+    return 4 * receptive_margin(net.channels)
+
+
 def tile_cores(shape, net, tile_size: int):
     """(ys, xs, core_y, core_x, margin): the tile grid of an image of ``shape``.
 
@@ -393,7 +398,7 @@ def tile_cores(shape, net, tile_size: int):
     h, w = shape
     mult = net.multiple
     margin = receptive_margin(net.channels)
-    size = max(int(tile_size), 4 * margin)
+    size = max(int(tile_size), smallest_core(net))
     ys, core_y = _tiles(h, min(size, _round_up(h, mult)), mult)
     xs, core_x = _tiles(w, min(size, _round_up(w, mult)), mult)
     return ys, xs, core_y, core_x, margin

@@ -1036,16 +1036,23 @@ def _read_tiff_quietly(path: Path) -> _Raw:
     return _Raw(np.asarray(data), axes, source, spacing)
 
 
-def whole_pixels(text: str) -> int:
-    """A number of pixels written as text (an option, an environment variable): a whole
-    number, 1 or more; ValueError saying so otherwise."""
+def whole_pixels(text: str, unit: str = "pixels") -> int:
+    """A count written as text (an option, an environment variable), of pixels or of
+    another ``unit``: a whole number, 1 or more; ValueError saying so otherwise."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError("expected a whole number of pixels, 1 or more")
+        raise ValueError(f"expected a whole number of {unit}, 1 or more")
     return value
+
+
+def about(name: str, text: str) -> str:
+    """A message about a file or input that starts with its name (once): every line
+    about an image starts with it, also when the text names it later (an OSError's
+    "[Errno 5] Input/output error: 'PATH'")."""
+    return text if text.startswith(name) else f"{name}: {text}"
 
 
 def tiff_error_text(e: BaseException) -> str:

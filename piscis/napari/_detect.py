@@ -33,6 +33,7 @@ from ._common import (
     state_for,
     status_label,
 )
+from ._io import POINTS_STYLE, SCORE_COLORS
 
 
 class DetectWidget(WorkerMixin, QWidget):
@@ -273,14 +274,8 @@ class DetectWidget(WorkerMixin, QWidget):
                 np.zeros((0, ndim)),
                 name=name,
                 features={k: np.zeros(0) for k in ("score", "intensity", "background", "cell_id")},
-                # Rings coloured by score: the spot's own pixels stay visible inside.
-                face_color="transparent",
-                border_color="score",
-                border_colormap="viridis",
-                border_contrast_limits=(0.0, 1.0),
-                border_width=0.2,
-                size=7,
-                opacity=1.0,
+                **POINTS_STYLE,
+                **SCORE_COLORS,
                 **aligned,
             )
         md = _layers.meta(points)

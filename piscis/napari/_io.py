@@ -22,8 +22,14 @@ LABEL_SUFFIXES = (
 IMAGE_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8")
 CHANNEL_COLORMAPS = ("green", "magenta", "cyan", "yellow", "red", "blue")
 
-# Rings: a spot's pixels stay visible inside its marker.
+# Spot markers are rings, so a spot's own pixels stay visible inside; coloured by score
+# where the spots have one (detections, tables with a score column).
 POINTS_STYLE = {"size": 7, "border_width": 0.2, "opacity": 1.0, "face_color": "transparent"}
+SCORE_COLORS = {
+    "border_color": "score",
+    "border_colormap": "viridis",
+    "border_contrast_limits": (0.0, 1.0),
+}
 
 
 # --------------------------------------------------------------------------- reader
@@ -134,9 +140,7 @@ def _read_csv(path):
     }
     score = np.asarray(features.get("score", []), float)
     if len(score) and np.isfinite(score).all():
-        kwargs.update(
-            border_color="score", border_colormap="viridis", border_contrast_limits=(0.0, 1.0)
-        )
+        kwargs.update(SCORE_COLORS)
     return [(coords, kwargs, "points")]
 
 
