@@ -404,11 +404,32 @@ def tile_cores(shape, net, tile_size: int):
     return ys, xs, core_y, core_x, margin
 
 
-def _forward(model: SpotNet, batch: np.ndarray) -> np.ndarray:
+VIEWS = (1, 2)  # what a model's "views" may be (see _forward)
+
+
+def _run(model: SpotNet, batch: np.ndarray) -> np.ndarray:
     x = torch.from_numpy(batch[:, None]).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         out = model(x)
     return out.float().numpy()
+
+
+def _forward(model: SpotNet, batch: np.ndarray) -> np.ndarray:
+    """The network's (logit, dy, dx) maps of a batch of tiles (B, H, W).
+
+    A model whose ``views`` attribute is 2 (its config's ``"views"``) also sees each
+    tile transposed, rows for columns; that output is transposed back, its dy and dx
+    swapped, and the two are averaged. The second view costs a second pass and takes
+    away part of the network's own errors, which differ from one orientation to the
+    other. Tile origins and sizes are multiples of the network's size multiple, and a
+    transpose keeps its pooling grid, so tiled and untiled runs still agree.
+    """
+    out = _run(model, batch)
+    if getattr(model, "views", 1) == 2:
+        other = _run(model, np.ascontiguousarray(batch.swapaxes(-1, -2)))
+        out += other.swapaxes(-1, -2)[:, [0, 2, 1]]
+        out *= 0.5
+    return out
 
 
 def _rescale(image: np.ndarray, scale: float) -> np.ndarray:

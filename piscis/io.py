@@ -1272,9 +1272,22 @@ def load_model(name_or_dir=None) -> LoadedModel:
     net.load_state_dict(state)
     net = fuse_batchnorm(net.eval())
     net = net.to(memory_format=__import__("torch").channels_last)
+    net.views = model_views(config, path)
     loaded = LoadedModel(net, config, path)
     _CACHE[key] = loaded
     return loaded
+
+
+def model_views(config: dict, path=None) -> int:
+    """A model config's ``"views"``: 1 (the image as it is) or 2 (also transposed,
+    outputs averaged: :func:`piscis.detect._forward`); 1 when absent (older models)."""
+    from .detect import VIEWS
+
+    views = config.get("views", 1)
+    if isinstance(views, bool) or views not in VIEWS:
+        where = f"{path}: " if path else ""
+        raise InputError(f"{where}config.json 'views' is {views!r}; expected 1 or 2")
+    return int(views)
 
 
 def _weights_problem(expected: dict, found: dict) -> str | None:

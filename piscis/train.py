@@ -31,7 +31,7 @@ from .detect import (
     predict_maps,
     spots_from_maps,
 )
-from .io import LoadedModel, load_model, save_model
+from .io import LoadedModel, load_model, model_views, save_model
 from .loss import total_loss
 from .metrics import mean_scores, score
 from .model import SpotNet, fuse_batchnorm
@@ -92,6 +92,60 @@ class _Batches(torch.utils.data.IterableDataset):
             yield batch_targets(items)
 
 
+def _views(x: torch.Tensor, k: int) -> torch.Tensor:
+    """View k of 8 of a square batch (B, C, H, W): bit 0 flips rows, bit 1 columns,
+    bit 2 transposes (applied first)."""
+    if k & 4:
+        x = x.transpose(-1, -2)
+    if k & 1:
+        x = x.flip(-2)
+    if k & 2:
+        x = x.flip(-1)
+    return x
+
+
+def _unview(out: torch.Tensor, k: int) -> torch.Tensor:
+    """Maps (B, 3, H, W) of view k back to the batch's frame, displacements included."""
+    sign = torch.ones(3, dtype=out.dtype, device=out.device)
+    if k & 2:
+        out, sign[2] = out.flip(-1), -1.0
+    if k & 1:
+        out, sign[1] = out.flip(-2), -1.0
+    out = out * sign.view(1, 3, 1, 1)
+    if k & 4:
+        out = out.transpose(-1, -2)[:, [0, 2, 1]]
+    return out
+
+
+class Teacher:
+    """A fixed model whose maps, averaged over the 8 rotations and flips of each
+    crop, the network in training also learns (distillation): the average makes
+    fewer errors than any one view, and a network that matches it gains part of
+    that at the cost of one view."""
+
+    def __init__(self, model, views: int = 8, weight: float = 1.0):
+        loaded = load_model(model)
+        self.net, self.views, self.weight = loaded.net, int(views), float(weight)
+
+    @torch.no_grad()
+    def maps(self, x: torch.Tensor) -> torch.Tensor:
+        outs = [
+            _unview(self.net(_views(x, k).contiguous(memory_format=torch.channels_last)), k)
+            for k in range(self.views)
+        ]
+        return torch.stack(outs).mean(0)
+
+    def loss(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Soft-label cross-entropy on the spot map and squared displacement error,
+        both weighted by the teacher's probability, per expected spot pixel."""
+        t = self.maps(x)
+        p = torch.sigmoid(t[:, 0])
+        norm = p.sum() + 1.0
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], p, reduction="sum")
+        disp = (p * ((out[:, 1:] - t[:, 1:]) ** 2).sum(1)).sum()
+        return self.weight * (bce + disp) / norm
+
+
 def _to_torch(batch: dict) -> dict:
     return {k: torch.as_tensor(v) for k, v in batch.items()}
 
@@ -119,6 +173,7 @@ def _inference_copy(net: SpotNet, config: dict) -> LoadedModel:
     fresh = SpotNet(net.channels, net.in_channels)
     fresh.load_state_dict(net.state_dict())
     fused = fuse_batchnorm(fresh.eval()).to(memory_format=torch.channels_last)
+    fused.views = model_views(config)
     return LoadedModel(fused, config)
 
 
@@ -243,6 +298,8 @@ def train(
         },
         "threshold": threshold,
         "scale": float(init_cfg.get("scale", 1.0)),
+        # One pass per tile unless the parent averages two (detect._forward).
+        "views": int(init_cfg.get("views", 1)),
         "training": {
             "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
             "pairs": [p.name for p in pairs],
@@ -254,6 +311,10 @@ def train(
     if init_cfg.get("min_snr") is not None:
         model_config["min_snr"] = float(init_cfg["min_snr"])
 
+    spec = cfg.extra.get("teacher")
+    teacher = None
+    if spec:
+        teacher = Teacher(spec["model"], spec.get("views", 8), spec.get("weight", 1.0))
     stopped = False
     step = start_epoch * cfg.steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
@@ -276,6 +337,8 @@ def train(
                 g["lr"] = lr_at(step)
             out = net(batch["x"].contiguous(memory_format=torch.channels_last))
             loss, sf1 = total_loss(out[:, 0], out[:, 1:], batch)
+            if teacher is not None:
+                loss = loss + teacher.loss(out, batch["x"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)

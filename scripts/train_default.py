@@ -217,6 +217,12 @@ def main(argv=None) -> int:
         help="the model's spot threshold (default: chosen on the validation pairs)",
     )
     ap.add_argument("--min-snr", type=float, default=None, help="the model's significance floor")
+    ap.add_argument(
+        "--teacher",
+        default=None,
+        help="a model folder whose 8-view average the network also learns (distillation)",
+    )
+    ap.add_argument("--teacher-weight", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
@@ -254,7 +260,13 @@ def main(argv=None) -> int:
         synthetic_fraction=args.synthetic_fraction,
         lr=args.lr,
         keep=args.keep,
-        extra={"pair_weights": weights} | ({"synth": synth} if synth else {}),
+        extra={"pair_weights": weights}
+        | ({"synth": synth} if synth else {})
+        | (
+            {"teacher": {"model": str(args.teacher), "views": 8, "weight": args.teacher_weight}}
+            if args.teacher
+            else {}
+        ),
     )
     out = Path(args.output)
     ckpt = out.with_name(out.name + ".ckpt")

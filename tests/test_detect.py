@@ -1,6 +1,8 @@
 """Detection: normalisation, tiling, decoding, intensities, and the shipped
 model on simple synthetic images (the CASES.md conventions)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -332,3 +334,54 @@ def test_tiny_tile_sizes_are_raised_to_a_useful_core():
         assert len(ys) * len(xs) <= 25
     assert tile_cores((1000, 1200), net, 512)[2:4] == (512, 512)  # larger ones as given
     assert tile_cores((100, 1200), net, 512)[2] == 104  # never beyond the image (rounded)
+
+
+def _lopsided(views: int) -> LoadedModel:
+    """A random network with random displacements: nothing makes it symmetric."""
+    torch.manual_seed(1)
+    net = SpotNet((4, 8, 16))
+    with torch.no_grad():
+        net.head.weight.normal_(0.0, 0.5)
+        net.head.bias.zero_()
+    net = fuse_batchnorm(net.eval()).to(memory_format=torch.channels_last)
+    net.views = views
+    return LoadedModel(net, {"threshold": 0.6, "views": views})
+
+
+def test_two_views_average_the_pass_on_the_transposed_image():
+    """views 2: the maps are the mean of the image's and of its transpose's, the latter
+    transposed back with dy and dx swapped; tiles still agree with the whole image."""
+    rng = np.random.default_rng(5)
+    img, _ = spot_image(rng, (200, 264), n_spots=40)
+    one, two = _lopsided(1), _lopsided(2)
+    norm = estimate_normalization(img)
+    a, _ = predict_maps(img, one, norm=norm)
+    t, _ = predict_maps(np.ascontiguousarray(img.T), one, norm=norm)
+    both, _ = predict_maps(img, two, norm=norm)
+    np.testing.assert_allclose(both.logit, 0.5 * (a.logit + t.logit.T), atol=1e-5)
+    np.testing.assert_allclose(both.disp[0], 0.5 * (a.disp[0] + t.disp[1].T), atol=1e-5)
+    np.testing.assert_allclose(both.disp[1], 0.5 * (a.disp[1] + t.disp[0].T), atol=1e-5)
+    # The second view does change the maps.
+    assert np.abs(both.logit - a.logit).max() > 0.1 * np.abs(a.logit).max()
+    assert np.abs(both.disp - a.disp).max() > 0.1 * np.abs(a.disp).max()
+    tiled, _ = predict_maps(img, two, norm=norm, tile_size=64)
+    assert np.abs(tiled.logit - both.logit).max() < 1e-3 * np.abs(a.logit).max()
+    assert np.abs(tiled.disp - both.disp).max() < 1e-3 * np.abs(a.disp).max()
+
+
+@pytest.mark.parametrize("views", [0, 3, "2", True, None])
+def test_a_model_config_with_other_views_is_refused(tmp_path, views):
+    from safetensors.torch import save_file
+
+    from piscis.io import InputError
+
+    net = SpotNet((4, 8))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file(net.state_dict(), str(folder / "model.safetensors"))
+    config = {"architecture": {"channels": [4, 8]}, "views": views}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match=r"config.json 'views' is .*expected 1 or 2"):
+        load_model(folder)
+    (folder / "config.json").write_text('{"architecture": {"channels": [4, 8]}}')
+    assert load_model(folder).net.views == 1  # older model folders: one view

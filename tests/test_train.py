@@ -6,13 +6,14 @@ import json
 import numpy as np
 import pytest
 import tifffile
+import torch
 
 from piscis.data import Pair, load_pairs
 from piscis.detect import detect
-from piscis.io import load_model
+from piscis.io import LoadedModel, load_model
 from piscis.metrics import f1_at
 from piscis.synth import spot_image
-from piscis.train import TrainConfig, train
+from piscis.train import Teacher, TrainConfig, _unview, _views, train
 
 
 def _pairs(n=3, seed=0):
@@ -193,3 +194,44 @@ def test_training_folder_takes_the_truth_names_evaluate_takes(tmp_path, caplog):
     assert sorted(pairs) == ["a", "b"]
     assert len(pairs["a"].coords) == 6 and len(pairs["b"].coords) == 1
     assert "b.csv used, b.truth.csv left out" in caplog.text
+
+
+class _ToTheBrightest(torch.nn.Module):
+    """A stand-in network whose maps are exact in every orientation: the logit is the
+    image, the displacement points from each pixel to the brightest one."""
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        at = x.reshape(b, -1).argmax(1)
+        y0, x0 = (at // w).view(b, 1, 1).float(), (at % w).view(b, 1, 1).float()
+        yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+        return torch.stack([x[:, 0], y0 - yy, x0 - xx], 1)
+
+
+def test_teacher_views_map_back_to_the_crop():
+    """The teacher's 8 rotations and flips of a crop, mapped back, are the crop's own
+    maps when the network is exact (a wrong sign or swap of dy, dx shows here)."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(3, 1, 24, 24)).astype(np.float32))
+    net = _ToTheBrightest()
+    teacher = Teacher(LoadedModel(net, {}), views=8)
+    for k in range(8):
+        np.testing.assert_allclose(_unview(net(_views(x, k)), k), net(x), atol=1e-6)
+    np.testing.assert_allclose(teacher.maps(x), net(x), atol=1e-6)
+    assert not torch.allclose(net(_views(x, 5)), net(x))  # the views do differ
+
+
+def test_distillation_trains_and_is_recorded(tmp_path):
+    """Training with a teacher model (the 8-view average) runs, and the model's config
+    says which teacher it learnt from."""
+    pairs = _pairs()
+    parent = train(pairs[:2], tmp_path / "parent", _tiny(), val_pairs=pairs[2:])
+    spec = {"model": str(parent), "views": 8, "weight": 1.0}
+    child = train(
+        pairs[:2], tmp_path / "child", _tiny(extra={"teacher": spec}), val_pairs=pairs[2:],
+        init=parent,
+    )  # fmt: skip
+    cfg = json.loads((child / "config.json").read_text())
+    assert cfg["training"]["config"]["extra"]["teacher"] == spec
+    assert np.isfinite(cfg["training"]["history"][0]["loss"])
+    assert cfg["views"] == 1  # one view unless the parent averages two
