@@ -123,9 +123,10 @@ class Teacher:
     fewer errors than any one view, and a network that matches it gains part of
     that at the cost of one view."""
 
-    def __init__(self, model, views: int = 8, weight: float = 1.0):
+    def __init__(self, model, views: int = 8, weight: float = 1.0, disp_weight: float = 1.0):
         loaded = load_model(model)
         self.net, self.views, self.weight = loaded.net, int(views), float(weight)
+        self.disp_weight = float(disp_weight)
 
     @torch.no_grad()
     def maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +144,7 @@ class Teacher:
         norm = p.sum() + 1.0
         bce = torch.nn.functional.binary_cross_entropy_with_logits(out[:, 0], p, reduction="sum")
         disp = (p * ((out[:, 1:] - t[:, 1:]) ** 2).sum(1)).sum()
-        return self.weight * (bce + disp) / norm
+        return self.weight * (bce + self.disp_weight * disp) / norm
 
 
 def _to_torch(batch: dict) -> dict:
@@ -314,7 +315,12 @@ def train(
     spec = cfg.extra.get("teacher")
     teacher = None
     if spec:
-        teacher = Teacher(spec["model"], spec.get("views", 8), spec.get("weight", 1.0))
+        teacher = Teacher(
+            spec["model"],
+            spec.get("views", 8),
+            spec.get("weight", 1.0),
+            spec.get("disp_weight", 1.0),
+        )
     stopped = False
     step = start_epoch * cfg.steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):

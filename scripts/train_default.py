@@ -223,6 +223,12 @@ def main(argv=None) -> int:
         help="a model folder whose 8-view average the network also learns (distillation)",
     )
     ap.add_argument("--teacher-weight", type=float, default=1.0)
+    ap.add_argument(
+        "--teacher-disp-weight",
+        type=float,
+        default=1.0,
+        help="weight of the teacher's displacements within its term (0: the spot map only)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--overwrite", action="store_true")
@@ -263,7 +269,14 @@ def main(argv=None) -> int:
         extra={"pair_weights": weights}
         | ({"synth": synth} if synth else {})
         | (
-            {"teacher": {"model": str(args.teacher), "views": 8, "weight": args.teacher_weight}}
+            {
+                "teacher": {
+                    "model": str(args.teacher),
+                    "views": 8,
+                    "weight": args.teacher_weight,
+                    "disp_weight": args.teacher_disp_weight,
+                }
+            }
             if args.teacher
             else {}
         ),
