@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import stat
 import tempfile
@@ -1181,7 +1182,7 @@ class LoadedModel:
         return str(self.config.get("name", self.path.name if self.path else "model"))
 
 
-_CACHE: dict[str, LoadedModel] = {}
+_CACHE: dict[str, tuple[tuple, LoadedModel]] = {}  # folder -> (file stamps, model)
 
 
 def model_dir(name_or_dir: str | os.PathLike | None) -> Path:
@@ -1233,13 +1234,16 @@ def load_model(name_or_dir=None) -> LoadedModel:
     from .model import SpotNet, fuse_batchnorm
 
     path = model_dir(name_or_dir).resolve()
-    key = str(path)
-    if key in _CACHE:
-        return _CACHE[key]
     cfg_path, w_path = path / "config.json", path / "model.safetensors"
     for p in (cfg_path, w_path):
         if not p.exists():
             raise InputError(f"{path}: not a model folder (missing {p.name})")
+    # Keyed by the files' sizes and times too: a config edited while a viewer or a
+    # notebook runs is read again (its threshold, views...), not served from the cache.
+    key = str(path)
+    stamp = tuple((q.stat().st_size, q.stat().st_mtime_ns) for q in (cfg_path, w_path))
+    if key in _CACHE and _CACHE[key][0] == stamp:
+        return _CACHE[key][1]
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -1269,12 +1273,18 @@ def load_model(name_or_dir=None) -> LoadedModel:
             f"{path}: model.safetensors does not fit the architecture in config.json "
             f"(channels {list(channels)}): {problem}; the two files come from different models"
         )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:  # a training run that diverged: it would find nothing, and say nothing
+        raise InputError(
+            f"{path}: model.safetensors holds NaN or infinite weights in {len(bad)} of "
+            f"{len(state)} tensors (e.g. {bad[0]}); the training that wrote it diverged"
+        )
     net.load_state_dict(state)
     net = fuse_batchnorm(net.eval())
     net = net.to(memory_format=__import__("torch").channels_last)
     net.views = model_views(config, path)
     loaded = LoadedModel(net, config, path)
-    _CACHE[key] = loaded
+    _CACHE[key] = (stamp, loaded)
     return loaded
 
 
@@ -1331,7 +1341,7 @@ def save_model(net, config: dict, folder: str | Path, card: str, overwrite: bool
         state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         os.chmod(tmp / "model.safetensors", 0o666 & ~_umask())
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "config.json").write_text(json_text(config))
         (tmp / "README.md").write_text(card)
         if folder.exists():
             shutil.rmtree(folder)
@@ -1341,3 +1351,20 @@ def save_model(net, config: dict, folder: str | Path, card: str, overwrite: bool
         raise
     _CACHE.pop(str(folder.resolve()), None)
     return folder
+
+
+def json_text(value) -> str:
+    """Indented JSON of ``value`` for a file, NaN and infinities written as null."""
+    return json.dumps(_json_safe(value), indent=2) + "\n"
+
+
+def _json_safe(value):
+    """``value`` with NaN and infinite floats as None: JSON has no NaN (json.dumps
+    writes a bare ``NaN``, which other readers refuse)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

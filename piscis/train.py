@@ -124,6 +124,18 @@ class Teacher:
     that at the cost of one view."""
 
     def __init__(self, model, views: int = 8, weight: float = 1.0, disp_weight: float = 1.0):
+        if isinstance(views, bool) or views not in range(1, 9):
+            raise ValueError(
+                f"teacher views must be 1 to 8 (the rotations and flips), got {views!r}"
+            )
+        for name, w in (("weight", weight), ("disp_weight", disp_weight)):
+            if (
+                isinstance(w, bool)
+                or not isinstance(w, (int, float))
+                or not w >= 0
+                or w == math.inf
+            ):
+                raise ValueError(f"teacher {name} must be a number >= 0, got {w!r}")
         loaded = load_model(model)
         self.net, self.views, self.weight = loaded.net, int(views), float(weight)
         self.disp_weight = float(disp_weight)
@@ -202,6 +214,27 @@ def choose_threshold(model: LoadedModel, pairs: list[Pair]) -> tuple[float, dict
     return best[1], best[2]
 
 
+def check_config(cfg: TrainConfig, multiple: int) -> None:
+    """Refuse settings that cannot train (a ValueError that says which and why)."""
+    for name in ("epochs", "steps_per_epoch", "batch_size"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    crop = cfg.crop
+    if isinstance(crop, bool) or not isinstance(crop, int) or crop < multiple or crop % multiple:
+        lo = max(multiple, crop // multiple * multiple) if isinstance(crop, int) else multiple
+        raise ValueError(
+            f"crop {crop!r} must be a multiple of {multiple} (the network halves it "
+            f"{multiple.bit_length() - 1} times): try {lo} or {lo + multiple}"
+        )
+    if (
+        isinstance(cfg.lr, bool)
+        or not isinstance(cfg.lr, (int, float))
+        or not 0 < cfg.lr < math.inf
+    ):
+        raise ValueError(f"the learning rate must be a number > 0, got {cfg.lr!r}")
+
+
 def train(
     pairs: list[Pair],
     out_dir: str | Path,
@@ -238,6 +271,12 @@ def train(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
+    init_cfg: dict = {} if init is None else load_model(init).config
+    channels = tuple(init_cfg["architecture"]["channels"]) if init_cfg else tuple(cfg.channels)
+    check_config(cfg, 2 ** (len(channels) - 1))
+    # The teacher first: a missing one is said before any folder is made.
+    spec = cfg.extra.get("teacher")
+    teacher = Teacher(**spec) if spec else None
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
@@ -250,17 +289,11 @@ def train(
         pairs = [pairs[i] for i in order[n_val:]]
     logger.info("training on %d pairs, validating on %d", len(pairs), len(val_pairs))
 
-    init_cfg: dict = {}
+    net = SpotNet(channels)
     if init is not None:
-        base = load_model(init)
-        init_cfg = base.config
-        channels = tuple(base.config["architecture"]["channels"])
-        net = SpotNet(channels)
         from safetensors.torch import load_file
 
-        net.load_state_dict(load_file(str(base.path / "model.safetensors")))
-    else:
-        net = SpotNet(tuple(cfg.channels))
+        net.load_state_dict(load_file(str(load_model(init).path / "model.safetensors")))
     net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * cfg.steps_per_epoch
@@ -312,15 +345,6 @@ def train(
     if init_cfg.get("min_snr") is not None:
         model_config["min_snr"] = float(init_cfg["min_snr"])
 
-    spec = cfg.extra.get("teacher")
-    teacher = None
-    if spec:
-        teacher = Teacher(
-            spec["model"],
-            spec.get("views", 8),
-            spec.get("weight", 1.0),
-            spec.get("disp_weight", 1.0),
-        )
     stopped = False
     step = start_epoch * cfg.steps_per_epoch
     for epoch in range(start_epoch, cfg.epochs):
@@ -345,6 +369,11 @@ def train(
             loss, sf1 = total_loss(out[:, 0], out[:, 1:], batch)
             if teacher is not None:
                 loss = loss + teacher.loss(out, batch["x"])
+            if not torch.isfinite(loss):  # saved, the weights would be NaN: 0 spots, silently
+                raise ValueError(
+                    f"training diverged at step {step + 1}: the loss is {float(loss)}; "
+                    f"try a smaller learning rate (now {cfg.lr:g})"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -356,6 +385,8 @@ def train(
                 progress({"step": step, "total": total_steps, "epoch": epoch, "loss": losses[-1]})
         del it, loader
         net.eval()
+        if stopped and not losses:  # stopped before this epoch's first step: nothing to record
+            break
         record = {
             "epoch": epoch,
             "loss": float(np.mean(losses)) if losses else float("nan"),

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from piscis import synth  # noqa: E402
 from piscis.data import Pair, visible_spots  # noqa: E402
-from piscis.io import read_image_2d, read_spots  # noqa: E402
+from piscis.io import InputError, read_image_2d, read_spots  # noqa: E402
 from piscis.train import TrainConfig, train  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -136,7 +136,7 @@ def synthetic_val(n: int = 8, seed: int = 12345) -> list[Pair]:
 def set_decoding(model_dir: Path, threshold: float | None, min_snr: float | None, val) -> None:
     """Write a chosen threshold (with the validation figures at it) and significance
     floor into a model folder's config and card, through temporary files and renames."""
-    from piscis.io import atomic_write_text, load_model
+    from piscis.io import atomic_write_text, json_text, load_model
     from piscis.train import evaluate_pairs, model_card
 
     path = model_dir / "config.json"
@@ -149,7 +149,7 @@ def set_decoding(model_dir: Path, threshold: float | None, min_snr: float | None
             config.setdefault("metrics", {})["validation"] = figures
     if min_snr is not None:
         config["min_snr"] = min_snr
-    atomic_write_text(path, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(path, json_text(config))
     atomic_write_text(model_dir / "README.md", model_card(config))
 
 
@@ -305,23 +305,27 @@ def main(argv=None) -> int:
         "the 12 semisynthetic/insta cells_* images (2 held out for validation, with 8 "
         "synthetic images). Never real/insta-smfish, the right halves, nor the tissue_* images."
     )
-    train(
-        pairs,
-        out,
-        cfg,
-        val_pairs=val,
-        checkpoint_dir=ckpt,
-        resume=args.resume,
-        init=args.init,
-        overwrite=args.overwrite,
-        progress=progress,
-        description=description,
-        tune_threshold=args.threshold is None,
-        pair_weights=weights,
-        should_stop=(lambda: bar.n >= args.stop_after * cfg.steps_per_epoch)
-        if args.stop_after
-        else None,
-    )
+    stop = (lambda: bar.n >= args.stop_after * cfg.steps_per_epoch) if args.stop_after else None
+    try:
+        train(
+            pairs,
+            out,
+            cfg,
+            val_pairs=val,
+            checkpoint_dir=ckpt,
+            resume=args.resume,
+            init=args.init,
+            overwrite=args.overwrite,
+            progress=progress,
+            description=description,
+            tune_threshold=args.threshold is None,
+            pair_weights=weights,
+            should_stop=stop,
+        )
+    except (InputError, ValueError, FileExistsError) as e:
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bar.close()
     if args.threshold is not None or args.min_snr is not None:
         set_decoding(out, args.threshold, args.min_snr, val)

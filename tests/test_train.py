@@ -235,3 +235,113 @@ def test_distillation_trains_and_is_recorded(tmp_path):
     assert cfg["training"]["config"]["extra"]["teacher"] == spec
     assert np.isfinite(cfg["training"]["history"][0]["loss"])
     assert cfg["views"] == 1  # one view unless the parent averages two
+
+
+def _folder(tmp_path, n=2):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in _pairs(n):
+        tifffile.imwrite(data / f"{p.name}.tif", p.image)
+        np.savetxt(data / f"{p.name}.csv", p.coords, delimiter=",", header="y,x", comments="")
+    return data
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "said"),
+    [
+        ("--crop", "60", "crop 60 must be a multiple of 8 (the network halves it 3 times): "
+         "try 56 or 64"),
+        ("--epochs", "0", "epochs must be a whole number >= 1, got 0"),
+        ("--batch", "0", "batch_size must be a whole number >= 1, got 0"),
+        ("--lr", "nan", "the learning rate must be a number > 0, got nan"),
+    ],
+)  # fmt: skip
+def test_training_settings_that_cannot_train_are_one_line(tmp_path, capsys, option, value, said):
+    """A crop the network cannot halve three times crashed in torch (sizes 14 and 15);
+    0 epochs wrote untrained weights. Now one line, exit 2, and no folder left."""
+    from piscis import cli
+
+    data = _folder(tmp_path)
+    argv = ["train", data, "-o", tmp_path / "m", "--epochs", "1", "--steps", "1", option, value]
+    rc = cli.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and said in err and "Traceback" not in err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.ckpt").exists()
+
+
+def test_a_diverging_training_stops_and_writes_no_model(tmp_path):
+    """A loss that is NaN (learning rate 1e30) gave NaN weights, saved; the model then
+    found 0 spots everywhere with exit 0."""
+    pairs = _pairs()
+    with pytest.raises(ValueError, match=r"training diverged at step \d+: the loss is nan"):
+        train(pairs[:2], tmp_path / "m", _tiny(lr=1e30, steps_per_epoch=20), val_pairs=pairs[2:])
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_model_with_nan_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from piscis.io import InputError
+
+    pairs = _pairs()
+    out = train(pairs[:2], tmp_path / "m", _tiny(), val_pairs=pairs[2:])
+    state = load_file(str(out / "model.safetensors"))
+    state["head.weight"][0, 0] = float("nan")
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(InputError, match="NaN or infinite weights in 1 of"):
+        load_model(out)
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ({"views": 0}, "teacher views must be 1 to 8"),
+        ({"views": 9}, "teacher views must be 1 to 8"),
+        ({"weight": float("nan")}, "teacher weight must be a number >= 0"),
+        ({"disp_weight": -1.0}, "teacher disp_weight must be a number >= 0"),
+        ({"model": "no/such/model"}, "no such model folder"),
+    ],
+)
+def test_teacher_settings_are_checked_before_anything_is_written(tmp_path, spec, said):
+    from piscis.io import InputError
+
+    pairs = _pairs()
+    cfg = _tiny(extra={"teacher": {"model": "default", **spec}})
+    with pytest.raises((ValueError, InputError), match=said):
+        train(pairs[:2], tmp_path / "m", cfg, val_pairs=pairs[2:])
+    assert not (tmp_path / "m").exists() and not (tmp_path / "m.ckpt").exists()
+
+
+def test_a_stop_between_epochs_records_no_empty_epoch(tmp_path):
+    """Stopping at the start of an epoch recorded it with a NaN loss, and config.json then
+    held a bare NaN, which JSON readers other than Python's refuse."""
+    pairs = _pairs()
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3  # after the first epoch's 3 steps
+
+    out = train(pairs[:2], tmp_path / "m", _tiny(epochs=3), val_pairs=pairs[2:], should_stop=stop)
+    text = (out / "config.json").read_text()
+
+    def refuse(name):
+        raise AssertionError(f"{name} in config.json")
+
+    cfg = json.loads(text, parse_constant=refuse)
+    assert [r["epoch"] for r in cfg["training"]["history"]] == [0]
+    assert cfg["training"]["stopped_early"] is True
+
+
+def test_an_edited_model_config_is_read_again(tmp_path):
+    """load_model kept the first reading of a folder for the whole process: a threshold
+    or views edited while napari ran were ignored until a restart."""
+    pairs = _pairs()
+    out = train(pairs[:2], tmp_path / "m", _tiny(), val_pairs=pairs[2:])
+    first = load_model(out)
+    assert load_model(out) is first  # unchanged files: the same object
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(threshold=0.83, views=2)
+    (out / "config.json").write_text(json.dumps(cfg) + " ")  # another size, whatever the clock
+    again = load_model(out)
+    assert again.threshold == 0.83 and again.net.views == 2
