@@ -363,11 +363,20 @@ def check_memory(tile: int | tuple[int, int], name: str = "image", margin: int =
 
 
 def _memory_message(name: str, tile: int, avail: float, margin: int, need=None) -> str:
+    """Suggest a tile size that fits ``avail`` bytes, never one under the smallest core
+    that tiling uses (4 margins: :func:`piscis.detect.smallest_core`), which would be
+    raised to it and fail again."""
+    smallest = 4 * margin
     side = math.sqrt(max(avail, 1) / BYTES_PER_TILE_PIXEL) - 2 * margin
-    smaller = max(64, min(tile // 2, 2 ** int(math.log2(max(side, 64)))))
+    smaller = max(smallest, min(tile // 2, 2 ** int(math.log2(max(side, 64)))))
     what = "ran out of memory"
     if need is not None:
         what = f"need about {need / 2**20:.0f} MB but {avail / 2**20:.0f} MB are available"
+    if tile <= smallest:
+        return (
+            f"{name}: tiles of {tile} px {what}; --tile-size {tile} is already the smallest "
+            "useful; free memory, or crop or split the image"
+        )
     return f"{name}: tiles of {tile} px {what}; pass a smaller --tile-size (e.g. {smaller})"
 
 

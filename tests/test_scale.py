@@ -122,17 +122,24 @@ def test_lazy_channels_and_bad_input_name_the_file(tmp_path):
 
 
 def test_too_little_memory_stops_cleanly_with_a_smaller_tile_size(tmp_path, monkeypatch, capsys):
-    img, _ = spot_image(np.random.default_rng(5), (256, 256), n_spots=10)
+    """The suggested size fits, and is never under the smallest core the tiles use (it
+    said 128 for a 256 px core, which tiling raised back to 256: the same failure)."""
+    img, _ = spot_image(np.random.default_rng(5), (512, 512), n_spots=10)
     zarr.open_array(tmp_path / "a.zarr", mode="w", shape=img.shape, dtype=img.dtype)[:] = img
-    monkeypatch.setattr(lazy, "_available_memory", lambda: 20 * 2**20)  # 256 px tiles: 29 MB
-    rc = cli.main(
-        ["count", str(tmp_path / "a.zarr"), "-o", str(tmp_path / "out"), "--tile-size", "4096"]
-    )
+    monkeypatch.setattr(lazy, "_available_memory", lambda: 40 * 2**20)  # 256 px tiles: 29 MB
+    argv = ["count", str(tmp_path / "a.zarr"), "-o", str(tmp_path / "out"), "--tile-size"]
+    rc = cli.main([*argv, "4096"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "a.zarr" in err and "smaller --tile-size (e.g." in err
     suggested = int(err.split("smaller --tile-size (e.g. ")[1].split(")")[0])
+    assert suggested == 256  # the smallest core of the default network
     lazy.check_memory(suggested)  # the suggestion fits
+    monkeypatch.setattr(lazy, "_available_memory", lambda: 20 * 2**20)
+    rc = cli.main([*argv, "256", "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--tile-size 256 is already the smallest useful" in err
+    assert "(e.g." not in err
 
 
 # --------------------------------------------------------------------------- C18
