@@ -382,9 +382,12 @@ def check_decoding(threshold: float, scale: float | None = None) -> None:
         raise ValueError(f"scale must be between 0.01 and 100, got {scale}")
 
 
+CORE_MARGINS = 4  # the smallest tile core, in margins of the network (smallest_core)
+
+
 def smallest_core(net) -> int:
     """The smallest tile core :func:`tile_cores` uses: 4 times the network's margin."""
-    return 4 * receptive_margin(net.channels)
+    return CORE_MARGINS * receptive_margin(net.channels)
 
 
 def tile_cores(shape, net, tile_size: int):

@@ -1241,7 +1241,7 @@ def load_model(name_or_dir=None) -> LoadedModel:
     # Keyed by the files' sizes and times too: a config edited while a viewer or a
     # notebook runs is read again (its threshold, views...), not served from the cache.
     key = str(path)
-    stamp = tuple((q.stat().st_size, q.stat().st_mtime_ns) for q in (cfg_path, w_path))
+    stamp = tuple((st.st_size, st.st_mtime_ns) for st in (cfg_path.stat(), w_path.stat()))
     if key in _CACHE and _CACHE[key][0] == stamp:
         return _CACHE[key][1]
     try:

@@ -366,7 +366,9 @@ def _memory_message(name: str, tile: int, avail: float, margin: int, need=None) 
     """Suggest a tile size that fits ``avail`` bytes, never one under the smallest core
     that tiling uses (4 margins: :func:`piscis.detect.smallest_core`), which would be
     raised to it and fail again."""
-    smallest = 4 * margin
+    from .detect import CORE_MARGINS
+
+    smallest = CORE_MARGINS * margin
     side = math.sqrt(max(avail, 1) / BYTES_PER_TILE_PIXEL) - 2 * margin
     smaller = max(smallest, min(tile // 2, 2 ** int(math.log2(max(side, 64)))))
     what = "ran out of memory"

@@ -271,7 +271,8 @@ def train(
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists; choose another folder or pass --overwrite")
-    init_cfg: dict = {} if init is None else load_model(init).config
+    base = None if init is None else load_model(init)
+    init_cfg: dict = {} if base is None else base.config
     channels = tuple(init_cfg["architecture"]["channels"]) if init_cfg else tuple(cfg.channels)
     check_config(cfg, 2 ** (len(channels) - 1))
     # The teacher first: a missing one is said before any folder is made.
@@ -290,10 +291,10 @@ def train(
     logger.info("training on %d pairs, validating on %d", len(pairs), len(val_pairs))
 
     net = SpotNet(channels)
-    if init is not None:
+    if base is not None:
         from safetensors.torch import load_file
 
-        net.load_state_dict(load_file(str(load_model(init).path / "model.safetensors")))
+        net.load_state_dict(load_file(str(base.path / "model.safetensors")))
     net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total_steps = cfg.epochs * cfg.steps_per_epoch
